@@ -1,0 +1,90 @@
+"""Command line: `python -m app run | serve | migrate | create-admin --phone ... [--full-name ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import uvicorn
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+from app.accounts.service import AccountService
+from app.accounts.tokens import TokenIssuer
+from app.demo import load_demo
+from app.errors import DomainError
+from app.limits import InProcessLimiter
+from app.migrate import upgrade
+from app.notifications.sms import sms_sender
+from app.settings import Settings, settings_from_env
+
+
+async def _with_session(settings: Settings, work: object) -> object:
+    engine = create_async_engine(settings.resolved_database_url)
+    try:
+        async with async_sessionmaker(engine, expire_on_commit=False)() as session:
+            return await work(session)  # type: ignore[operator]
+    finally:
+        await engine.dispose()
+
+
+def create_admin(settings: Settings, phone: str, full_name: str | None) -> int:
+    async def work(session: object) -> str:
+        accounts = AccountService(session, settings, TokenIssuer(settings), InProcessLimiter(),  # type: ignore[arg-type]
+                                  sms_sender(settings))
+        user = await accounts.ensure_admin(phone, full_name)
+        await accounts.session.commit()
+        return f"admin {user.phone} ({user.full_name or 'no name'}) id {user.id}"
+
+    try:
+        print(asyncio.run(_with_session(settings, work)))
+    except DomainError as exc:
+        print(f"error: {exc.detail}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def demo(settings: Settings) -> None:
+    async def work(session: object) -> object:
+        return await load_demo(session, settings.clinic_timezone)  # type: ignore[arg-type]
+
+    rows = asyncio.run(_with_session(settings, work))
+    if isinstance(rows, list):
+        print("Demo clinic loaded. Sign in with any of these phones; codes go to", settings.resolved_sms_log_path)
+        for phone, name, role in rows:
+            print(f"  {phone:14} {name:24} {role}")
+    else:
+        print("Demo clinic already loaded (admin +79160000001, patients +79161110001, +79161110002).")
+
+
+def serve(settings: Settings) -> None:
+    print(f"Clinic API: http://{settings.host}:{settings.port}  (docs: /schema, health: /health/ready)", flush=True)
+    uvicorn.run("app.main:app_from_env", factory=True, host=settings.host, port=settings.port,
+                log_config=None, access_log=False, lifespan="on")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="migrate, load demo data if DEMO_DATA is set, serve")
+    commands.add_parser("serve", help="serve the API")
+    commands.add_parser("migrate", help="apply database migrations")
+    admin = commands.add_parser("create-admin", help="make (or promote) an admin account")
+    admin.add_argument("--phone", required=True)
+    admin.add_argument("--full-name")
+    args = parser.parse_args(argv)
+    settings = settings_from_env()
+    if args.command == "create-admin":
+        upgrade(settings.resolved_database_url)
+        return create_admin(settings, args.phone, args.full_name)
+    if args.command in ("migrate", "run"):
+        upgrade(settings.resolved_database_url)
+    if args.command == "run" and settings.demo_data:
+        demo(settings)
+    if args.command in ("run", "serve"):
+        serve(settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

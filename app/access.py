@@ -1,0 +1,137 @@
+"""Who may do what, and who sees which fields: the one source of roles, guards and secrecy masks.
+
+Guards answer "may this role call this route". Masks answer "which fields of a patient may this
+viewer see"; every way out of the system (REST, events, exports) builds patient data through
+`mask_patient`, so nothing bypasses it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+from uuid import UUID
+
+from litestar.connection import ASGIConnection
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.handlers.base import BaseRouteHandler
+
+from app.specialties import DOCTOR_SPECIALTIES, Specialty
+
+
+class Role(StrEnum):
+    PATIENT = "patient"
+    DOCTOR = "doctor"
+    PSYCHOLOGIST = "psychologist"
+    SONOGRAPHER = "sonographer"
+    MASSAGE_THERAPIST = "massage_therapist"
+    METHODIST = "methodist"
+    REGISTRAR = "registrar"
+    ADMIN = "admin"
+
+
+STAFF_ROLES = frozenset(Role) - {Role.PATIENT}
+SPECIALIST_ROLES = frozenset({Role.DOCTOR, Role.PSYCHOLOGIST, Role.SONOGRAPHER, Role.MASSAGE_THERAPIST})
+
+# Which specialties each clinician role may hold; other staff roles hold none.
+SPECIALTIES_BY_ROLE: Mapping[Role, frozenset[Specialty]] = {
+    Role.DOCTOR: DOCTOR_SPECIALTIES,
+    Role.PSYCHOLOGIST: frozenset({Specialty.PSYCHOLOGY}),
+    Role.SONOGRAPHER: frozenset({Specialty.ULTRASOUND}),
+    Role.MASSAGE_THERAPIST: frozenset({Specialty.MASSAGE}),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Viewer:
+    """The authenticated caller, as the access token states it."""
+
+    id: UUID
+    roles: frozenset[Role] = field(default_factory=frozenset)
+
+    def has_any(self, roles: Iterable[Role]) -> bool:
+        return not self.roles.isdisjoint(roles)
+
+
+Guard = Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], None]
+
+
+def _viewer(connection: ASGIConnection[Any, Any, Any, Any]) -> Viewer:
+    user = connection.scope.get("user")
+    if not isinstance(user, Viewer):
+        raise NotAuthorizedException("authentication required")
+    return user
+
+
+def require_roles(*roles: Role) -> Guard:
+    allowed = frozenset(roles)
+
+    def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+        if _viewer(connection).roles.isdisjoint(allowed):
+            raise PermissionDeniedException("not allowed for your role")
+
+    guard.__name__ = f"require_roles({','.join(sorted(allowed))})"
+    return guard
+
+
+def signed_in(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Any authenticated user; the service decides what of the data is theirs."""
+    _viewer(connection)
+
+
+# Routes open to everyone say so with opt={"public": True}; every other route carries a guard.
+PUBLIC = {"public": True}
+
+# Who may act for patients (book, upload, chat as the patient): themselves and guardians.
+PATIENTS = (Role.PATIENT,)
+ADMINS = (Role.ADMIN,)
+STAFF_READERS = (Role.ADMIN, Role.REGISTRAR)
+
+
+# --- Secrecy masks -------------------------------------------------------------------------------
+
+# The fields of a patient card, grouped by what they reveal.
+IDENTITY = frozenset({"id", "full_name", "birth_date", "is_dependent"})
+PSEUDONYM = frozenset({"id", "initials", "age", "is_dependent"})
+CONTACTS = frozenset({"phone", "timezone", "guardian_id"})
+MEDICAL = frozenset({"questionnaire"})
+CARD_FIELDS = IDENTITY | PSEUDONYM | CONTACTS | MEDICAL
+
+# What each role sees of a patient who is not themselves or their dependent. A clinician sees a
+# card only with a care relationship (a consultation), checked by the service before masking.
+VISIBLE_BY_ROLE: Mapping[Role, frozenset[str]] = {
+    Role.PATIENT: frozenset(),  # another patient: nothing, and the service answers 404 anyway
+    Role.DOCTOR: CARD_FIELDS,
+    # medical secrecy: no full personal data, no doctors' medical content
+    Role.PSYCHOLOGIST: PSEUDONYM | frozenset({"timezone"}),
+    Role.SONOGRAPHER: PSEUDONYM,
+    Role.MASSAGE_THERAPIST: PSEUDONYM,
+    Role.METHODIST: IDENTITY,  # only what identifies the patient behind an analysis
+    Role.REGISTRAR: IDENTITY | CONTACTS,  # contacts, nothing medical
+    Role.ADMIN: IDENTITY | CONTACTS,
+}
+
+
+def visible_card_fields(viewer: Viewer, patient_id: UUID, acts_for: Iterable[UUID] = ()) -> frozenset[str]:
+    """Fields of this patient's card the viewer may see; several roles: the union of what each allows."""
+    if patient_id == viewer.id or patient_id in set(acts_for):
+        return CARD_FIELDS
+    seen: frozenset[str] = frozenset()
+    for role in viewer.roles:
+        seen |= VISIBLE_BY_ROLE.get(role, frozenset())  # an unknown role sees nothing
+    return seen
+
+
+def mask_patient(card: Mapping[str, Any], visible: frozenset[str]) -> dict[str, Any]:
+    """The card with every field the viewer may not see set to None (the shape never changes)."""
+    return {name: (value if name in visible else None) for name, value in card.items()}
+
+
+def may_read_any_card(viewer: Viewer) -> bool:
+    """Roles that read a card without a care relationship (registrars, admins, methodists)."""
+    return viewer.has_any((Role.REGISTRAR, Role.ADMIN, Role.METHODIST))
+
+
+def is_clinician(viewer: Viewer) -> bool:
+    return viewer.has_any(SPECIALIST_ROLES)

@@ -1,0 +1,172 @@
+"""Thin HTTP handlers for accounts: parse, call one service method, shape the answer."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+from uuid import UUID
+
+from litestar import Controller, Request, delete, get, patch, post
+from litestar.datastructures import State
+from litestar.di import NamedDependency, Provide
+from litestar.params import FromPath, FromQuery, JSONBody, Parameter
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.access import ADMINS, PATIENTS, STAFF_READERS, Viewer, require_roles, signed_in
+from app.accounts.models import Device, User
+from app.accounts.schemas import (
+    DependentIn,
+    DependentOut,
+    DeviceIn,
+    DeviceOut,
+    LogoutIn,
+    MeOut,
+    MePatch,
+    OtpIn,
+    OtpOut,
+    PatientCardOut,
+    RefreshIn,
+    StaffIn,
+    TokenIn,
+    TokenOut,
+    UserOut,
+)
+from app.accounts.service import AccountService, Login, Me
+from app.errors import Invalid
+from app.schemas import Page
+
+PUBLIC: dict[str, Any] = {"exclude_from_auth": True}
+Limit = Annotated[int, Parameter(ge=1, le=100, description="page size")]
+
+
+async def provide_accounts(db_session: NamedDependency[AsyncSession], state: State) -> AccountService:
+    return AccountService(db_session, state.settings, state.tokens, state.limiter, state.sms)
+
+
+def user_out(user: User) -> UserOut:
+    return UserOut(id=user.id, phone=user.phone, full_name=user.full_name, roles=list(user.roles),
+                   specialties=list(user.specialties), timezone=user.timezone)
+
+
+def dependent_out(user: User) -> DependentOut:
+    return DependentOut(id=user.id, full_name=user.full_name, birth_date=user.birth_date,
+                        relation=user.relation, legal_basis=user.legal_basis)
+
+
+def me_out(me: Me) -> MeOut:
+    u = me.user
+    return MeOut(id=u.id, phone=u.phone, full_name=u.full_name, roles=list(u.roles),
+                 specialties=list(u.specialties), timezone=u.timezone, birth_date=u.birth_date,
+                 questionnaire=dict(u.questionnaire), dependents=[dependent_out(d) for d in me.dependents])
+
+
+def token_out(login: Login) -> TokenOut:
+    return TokenOut(access_token=login.access_token, refresh_token=login.refresh_token,
+                    expires_in=login.expires_in, user=user_out(login.user))
+
+
+def device_out(device: Device) -> DeviceOut:
+    return DeviceOut(id=device.id, platform=device.platform, has_voip=device.voip_token is not None,
+                     created_at=device.created_at)
+
+
+def parse_cursor(cursor: str | None) -> UUID | None:
+    if cursor is None:
+        return None
+    try:
+        return UUID(cursor)
+    except ValueError as exc:
+        raise Invalid("bad cursor", "cursor_invalid") from exc
+
+
+class AuthController(Controller):
+    path = "/api/v1/auth"
+    tags = ["accounts"]
+    dependencies = {"accounts": Provide(provide_accounts)}
+
+    @post("/otp", status_code=202, opt=PUBLIC)
+    async def request_otp(self, request: Request[Any, Any, Any], accounts: NamedDependency[AccountService],
+                          data: JSONBody[OtpIn]) -> OtpOut:
+        client_ip = request.client.host if request.client else "unknown"
+        return OtpOut(expires_in=await accounts.request_code(data.phone, client_ip))
+
+    @post("/token", status_code=200, opt=PUBLIC)
+    async def issue_tokens(self, accounts: NamedDependency[AccountService], data: JSONBody[TokenIn]) -> TokenOut:
+        return token_out(await accounts.login(data.phone, data.code))
+
+    @post("/refresh", status_code=200, opt=PUBLIC)
+    async def refresh_tokens(self, accounts: NamedDependency[AccountService],
+                             data: JSONBody[RefreshIn]) -> TokenOut:
+        return token_out(await accounts.refresh(data.refresh_token))
+
+    @post("/logout", status_code=204, guards=[signed_in])
+    async def logout(self, request: Request[Viewer, Any, Any], accounts: NamedDependency[AccountService],
+                     data: JSONBody[LogoutIn | None] = None) -> None:
+        await accounts.logout(request.user, data.refresh_token if data else None)
+
+
+class MeController(Controller):
+    path = "/api/v1/me"
+    tags = ["accounts"]
+    dependencies = {"accounts": Provide(provide_accounts)}
+
+    @get("/", guards=[signed_in])
+    async def get_me(self, request: Request[Viewer, Any, Any], accounts: NamedDependency[AccountService]) -> MeOut:
+        return me_out(await accounts.me(request.user))
+
+    @patch("/", guards=[signed_in])
+    async def update_me(self, request: Request[Viewer, Any, Any], accounts: NamedDependency[AccountService],
+                        data: JSONBody[MePatch]) -> MeOut:
+        return me_out(await accounts.update_me(request.user, data))
+
+    @post("/dependents", status_code=201, guards=[require_roles(*PATIENTS)])
+    async def add_dependent(self, request: Request[Viewer, Any, Any], accounts: NamedDependency[AccountService],
+                            data: JSONBody[DependentIn]) -> DependentOut:
+        return dependent_out(await accounts.add_dependent(request.user, data))
+
+    @get("/dependents", guards=[require_roles(*PATIENTS)])
+    async def list_dependents(self, request: Request[Viewer, Any, Any],
+                              accounts: NamedDependency[AccountService]) -> Page[DependentOut]:
+        return Page(items=[dependent_out(d) for d in await accounts.dependents(request.user)])
+
+
+class StaffController(Controller):
+    path = "/api/v1/staff"
+    tags = ["accounts"]
+    dependencies = {"accounts": Provide(provide_accounts)}
+
+    @post("/", status_code=201, guards=[require_roles(*ADMINS)])
+    async def create_staff(self, accounts: NamedDependency[AccountService], data: JSONBody[StaffIn]) -> UserOut:
+        return user_out(await accounts.create_staff(data))
+
+    @get("/", guards=[require_roles(*STAFF_READERS)])
+    async def list_staff(self, accounts: NamedDependency[AccountService], limit: FromQuery[Limit] = 50,
+                         cursor: FromQuery[str | None] = None) -> Page[UserOut]:
+        rows, last = await accounts.list_staff(limit, parse_cursor(cursor))
+        return Page(items=[user_out(u) for u in rows], next_cursor=str(last) if last else None)
+
+
+class PatientController(Controller):
+    path = "/api/v1/patients"
+    tags = ["accounts"]
+    dependencies = {"accounts": Provide(provide_accounts)}
+
+    @get("/{patient_id:uuid}", guards=[signed_in])
+    async def get_patient(self, request: Request[Viewer, Any, Any], accounts: NamedDependency[AccountService],
+                          patient_id: FromPath[UUID]) -> PatientCardOut:
+        return PatientCardOut(**await accounts.patient_card(request.user, patient_id))
+
+
+class DeviceController(Controller):
+    path = "/api/v1/devices"
+    tags = ["accounts"]
+    dependencies = {"accounts": Provide(provide_accounts)}
+
+    @post("/", status_code=201, guards=[signed_in])
+    async def register_device(self, request: Request[Viewer, Any, Any],
+                              accounts: NamedDependency[AccountService], data: JSONBody[DeviceIn]) -> DeviceOut:
+        return device_out(await accounts.register_device(request.user, data))
+
+    @delete("/{device_id:uuid}", status_code=204, guards=[signed_in])
+    async def remove_device(self, request: Request[Viewer, Any, Any], accounts: NamedDependency[AccountService],
+                            device_id: FromPath[UUID]) -> None:
+        await accounts.remove_device(request.user, device_id)

@@ -1,0 +1,339 @@
+"""Accounts: phone login, token rotation, profiles, dependents, staff, patient cards, devices.
+
+No HTTP here: controllers, the CLI and tests call these methods alike.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID, uuid4
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from msgspec import UNSET
+from sqlalchemy import delete, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import access
+from app.access import Role, Viewer
+from app.accounts.models import Device, OtpCode, RefreshToken, User
+from app.accounts.phones import normalise_phone
+from app.accounts.schemas import DependentIn, DeviceIn, MePatch, StaffIn
+from app.accounts.tokens import TokenIssuer, hash_refresh_token, new_refresh_token
+from app.errors import Conflict, Invalid, NotAuthenticated, NotVisible, TooMany
+from app.limits import RateLimiter
+from app.notifications.sms import SmsSender
+from app.settings import Settings
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    user: User
+    access_token: str
+    refresh_token: str
+    expires_in: int
+
+
+@dataclass(frozen=True, slots=True)
+class Me:
+    user: User
+    dependents: list[User]
+
+
+class AccountService:
+    def __init__(self, session: AsyncSession, settings: Settings, tokens: TokenIssuer,
+                 limiter: RateLimiter, sms: SmsSender) -> None:
+        self.session = session
+        self.settings = settings
+        self.tokens = tokens
+        self.limiter = limiter
+        self.sms = sms
+
+    # --- login by one-time code ----------------------------------------------------------------
+
+    def _code_hash(self, phone: str, code: str) -> str:
+        # keyed, so a leaked table does not give the codes away to a 10^6 brute force
+        return hmac.new(self.settings.secret_key.encode(), f"{phone}:{code}".encode(), hashlib.sha256).hexdigest()
+
+    async def request_code(self, raw_phone: str, client_ip: str) -> int:
+        phone = normalise_phone(raw_phone, self.settings.default_region)
+        wait = await self.limiter.hit(f"otp:ip:{client_ip}", self.settings.otp_per_ip_per_hour, 3600)
+        if wait:
+            raise TooMany("too many codes requested from this address", wait)
+        wait = await self.limiter.hit(f"otp:phone:{phone}", 1, self.settings.otp_resend_seconds)
+        if wait:
+            raise TooMany("a code was sent to this phone moments ago", wait, "otp_resend_too_soon")
+        code = f"{secrets.randbelow(10**self.settings.otp_length):0{self.settings.otp_length}d}"
+        await self.session.execute(delete(OtpCode).where(OtpCode.phone == phone))
+        self.session.add(OtpCode(
+            phone=phone, code_hash=self._code_hash(phone, code), attempts=0,
+            expires_at=utcnow() + dt.timedelta(seconds=self.settings.otp_ttl_seconds),
+        ))
+        await self.session.commit()  # the code is stored before it can reach the phone
+        await self.sms.send(phone, f"Clinic login code: {code}. Do not share it with anyone.")
+        return self.settings.otp_ttl_seconds
+
+    async def login(self, raw_phone: str, code: str) -> Login:
+        phone = normalise_phone(raw_phone, self.settings.default_region)
+        if len(code) != self.settings.otp_length or not code.isascii() or not code.isdigit():
+            raise Invalid(f"the code is {self.settings.otp_length} digits", "otp_malformed")
+        # counting the try and reading the code is one statement, so parallel guesses cannot exceed the limit
+        counted = await self.session.execute(
+            update(OtpCode)
+            .where(OtpCode.phone == phone, OtpCode.attempts < self.settings.otp_max_attempts)
+            .values(attempts=OtpCode.attempts + 1)
+            .returning(OtpCode.id, OtpCode.code_hash, OtpCode.expires_at, OtpCode.attempts)
+        )
+        row = counted.one_or_none()
+        if row is None:
+            raise NotAuthenticated("no valid code for this phone: request a new one", "otp_missing")
+        if row.expires_at <= utcnow():
+            await self._burn_code(row.id)
+            raise NotAuthenticated("the code has expired: request a new one", "otp_expired")
+        if not hmac.compare_digest(row.code_hash, self._code_hash(phone, code)):
+            left = self.settings.otp_max_attempts - row.attempts
+            if left <= 0:
+                await self._burn_code(row.id)
+            else:
+                await self.session.commit()  # the failed try counts even though we refuse
+            raise NotAuthenticated("wrong code", "otp_invalid", attempts_left=left)
+        spent = await self.session.execute(delete(OtpCode).where(OtpCode.id == row.id).returning(OtpCode.id))
+        if spent.one_or_none() is None:  # a parallel request used this code first
+            raise NotAuthenticated("no valid code for this phone: request a new one", "otp_missing")
+        user = await self.session.scalar(select(User).where(User.phone == phone))
+        if user is None:  # a new phone becomes a patient
+            user = User(phone=phone, roles=[Role.PATIENT.value], timezone=self.settings.clinic_timezone)
+            self.session.add(user)
+            await self.session.flush()
+        return await self._start_session(user, family_id=uuid4())
+
+    async def _burn_code(self, code_id: UUID) -> None:
+        await self.session.execute(delete(OtpCode).where(OtpCode.id == code_id))
+        await self.session.commit()
+
+    async def _start_session(self, user: User, family_id: UUID) -> Login:
+        token, token_hash = new_refresh_token()
+        self.session.add(RefreshToken(
+            user_id=user.id, family_id=family_id, token_hash=token_hash,
+            expires_at=utcnow() + dt.timedelta(days=self.settings.refresh_token_days),
+        ))
+        await self.session.flush()
+        return Login(user=user, access_token=self.tokens.issue_access(user.id, user.roles),
+                     refresh_token=token, expires_in=self.tokens.access_seconds)
+
+    # --- refresh rotation and logout -----------------------------------------------------------
+
+    async def refresh(self, refresh_token: str) -> Login:
+        token_hash, now = hash_refresh_token(refresh_token), utcnow()
+        spent = await self.session.execute(  # spending is one conditional update: one winner
+            update(RefreshToken)
+            .where(RefreshToken.token_hash == token_hash, RefreshToken.used_at.is_(None),
+                   RefreshToken.revoked_at.is_(None), RefreshToken.expires_at > now)
+            .values(used_at=now)
+            .returning(RefreshToken.user_id, RefreshToken.family_id)
+        )
+        row = spent.one_or_none()
+        if row is not None:
+            user = await self.session.get(User, row.user_id)
+            if user is None:
+                raise NotAuthenticated("account no longer exists", "refresh_invalid")
+            return await self._start_session(user, family_id=row.family_id)
+        known = await self.session.scalar(select(RefreshToken).where(RefreshToken.token_hash == token_hash))
+        if known is not None and (known.used_at is not None or known.revoked_at is not None):
+            # a spent token came back: someone holds a stolen copy, so the whole login ends
+            await self._revoke(RefreshToken.family_id == known.family_id)
+            await self.session.commit()
+            raise NotAuthenticated("refresh token reused: please sign in again", "refresh_reused")
+        raise NotAuthenticated("refresh token invalid or expired", "refresh_invalid")
+
+    async def logout(self, viewer: Viewer, refresh_token: str | None) -> None:
+        if refresh_token is None:  # no token named: end every session of this user
+            await self._revoke(RefreshToken.user_id == viewer.id)
+            return
+        family = await self.session.scalar(select(RefreshToken.family_id).where(
+            RefreshToken.token_hash == hash_refresh_token(refresh_token), RefreshToken.user_id == viewer.id))
+        if family is not None:
+            await self._revoke(RefreshToken.family_id == family)
+
+    async def _revoke(self, which: Any) -> None:
+        await self.session.execute(
+            update(RefreshToken).where(which, RefreshToken.revoked_at.is_(None)).values(revoked_at=utcnow()))
+
+    # --- the caller's own account and dependents -----------------------------------------------
+
+    async def me(self, viewer: Viewer) -> Me:
+        rows = (await self.session.scalars(  # the account and its dependents in one round trip
+            select(User).where(or_(User.id == viewer.id, User.guardian_id == viewer.id)).order_by(User.id)
+        )).all()
+        user = next((u for u in rows if u.id == viewer.id), None)
+        if user is None:
+            raise NotAuthenticated("account no longer exists", "account_missing")
+        return Me(user=user, dependents=[u for u in rows if u.id != viewer.id])
+
+    async def update_me(self, viewer: Viewer, patch: MePatch) -> Me:
+        me = await self.me(viewer)
+        changes = {f: getattr(patch, f) for f in patch.__struct_fields__ if getattr(patch, f) is not UNSET}
+        if "timezone" in changes:
+            check_timezone(changes["timezone"])
+        if "birth_date" in changes:
+            check_birth_date(changes["birth_date"])
+        if "full_name" in changes:
+            changes["full_name"] = clean_name(changes["full_name"])
+        for field, value in changes.items():
+            setattr(me.user, field, value)
+        await self.session.flush()
+        return me
+
+    async def add_dependent(self, viewer: Viewer, data: DependentIn) -> User:
+        check_birth_date(data.birth_date)
+        guardian = await self.session.get(User, viewer.id)
+        if guardian is None or guardian.guardian_id is not None:
+            raise NotVisible("guardian not found")
+        dependent = User(
+            phone=None, full_name=clean_name(data.full_name), birth_date=data.birth_date,
+            roles=[Role.PATIENT.value], timezone=guardian.timezone, guardian_id=viewer.id,
+            relation=data.relation.value, legal_basis=data.legal_basis.strip(),
+        )
+        self.session.add(dependent)
+        await self.session.flush()
+        return dependent
+
+    async def dependents(self, viewer: Viewer) -> list[User]:
+        return (await self.me(viewer)).dependents
+
+    async def acting_patient(self, viewer: Viewer, patient_id: UUID | None) -> UUID:
+        """The patient a request acts for: the caller, or one of their dependents; anyone else is 404."""
+        if patient_id is None or patient_id == viewer.id:
+            return viewer.id
+        ward = await self.session.scalar(
+            select(User.id).where(User.id == patient_id, User.guardian_id == viewer.id))
+        if ward is None:
+            raise NotVisible("patient not found")
+        return ward
+
+    # --- patient cards, through the secrecy masks ----------------------------------------------
+
+    async def patient_card(self, viewer: Viewer, patient_id: UUID) -> dict[str, Any]:
+        patient = await self.session.get(User, patient_id)
+        if patient is None or patient.is_staff or (patient.phone is None and patient.guardian_id is None):
+            raise NotVisible("patient not found")
+        acts_for = [patient.id] if patient.guardian_id == viewer.id else []
+        own = patient.id == viewer.id or acts_for
+        # clinicians see a card only through a consultation with the patient; none exist yet, so none see it
+        if not own and not access.may_read_any_card(viewer):
+            raise NotVisible("patient not found")
+        visible = access.visible_card_fields(viewer, patient.id, acts_for)
+        return access.mask_patient(card_of(patient), visible)
+
+    # --- staff ---------------------------------------------------------------------------------
+
+    async def create_staff(self, data: StaffIn) -> User:
+        phone = normalise_phone(data.phone, self.settings.default_region)
+        if data.role is Role.PATIENT:
+            raise Invalid("staff accounts take a staff role", "role_invalid")
+        allowed = access.SPECIALTIES_BY_ROLE.get(data.role, frozenset())
+        if not set(data.specialties) <= allowed or (allowed and not data.specialties):
+            raise Invalid(f"a {data.role} takes specialties from {sorted(allowed) or 'none'}",
+                          "specialty_mismatch")
+        if await self.session.scalar(select(User.id).where(User.phone == phone)) is not None:
+            raise Conflict("an account with this phone exists", "phone_taken")
+        user = User(phone=phone, full_name=clean_name(data.full_name), roles=[data.role.value],
+                    specialties=sorted(s.value for s in data.specialties), is_staff=True,
+                    timezone=self.settings.clinic_timezone)
+        self.session.add(user)
+        try:
+            async with self.session.begin_nested():
+                await self.session.flush()
+        except IntegrityError as exc:  # the same phone created in parallel
+            raise Conflict("an account with this phone exists", "phone_taken") from exc
+        return user
+
+    async def list_staff(self, limit: int, cursor: UUID | None) -> tuple[list[User], UUID | None]:
+        query = select(User).where(User.is_staff.is_(True)).order_by(User.id).limit(limit + 1)
+        if cursor is not None:
+            query = query.where(User.id > cursor)
+        rows = list((await self.session.scalars(query)).all())
+        return rows[:limit], (rows[limit - 1].id if len(rows) > limit else None)
+
+    async def ensure_admin(self, raw_phone: str, full_name: str | None) -> User:
+        """Make (or promote) an admin: the bootstrap step of a new installation."""
+        phone = normalise_phone(raw_phone, self.settings.default_region)
+        user = await self.session.scalar(select(User).where(User.phone == phone))
+        if user is None:
+            user = User(phone=phone, full_name=full_name or "", roles=[], timezone=self.settings.clinic_timezone)
+            self.session.add(user)
+        if Role.ADMIN.value not in user.roles:
+            user.roles = [*user.roles, Role.ADMIN.value]
+        user.is_staff = True
+        if full_name:
+            user.full_name = clean_name(full_name)
+        await self.session.flush()
+        return user
+
+    # --- devices for push ----------------------------------------------------------------------
+
+    async def register_device(self, viewer: Viewer, data: DeviceIn) -> Device:
+        token_hash = hashlib.sha256(data.push_token.encode()).hexdigest()
+        device = await self.session.scalar(select(Device).where(Device.push_token_hash == token_hash))
+        if device is None:
+            device = Device(user_id=viewer.id, platform=data.platform, push_token=data.push_token,
+                            push_token_hash=token_hash, voip_token=data.voip_token)
+            self.session.add(device)
+        else:  # the install now belongs to whoever signed in on it last
+            device.user_id, device.platform, device.voip_token = viewer.id, data.platform, data.voip_token
+        await self.session.flush()
+        return device
+
+    async def remove_device(self, viewer: Viewer, device_id: UUID) -> None:
+        gone = await self.session.execute(
+            delete(Device).where(Device.id == device_id, Device.user_id == viewer.id).returning(Device.id))
+        if gone.one_or_none() is None:
+            raise NotVisible("device not found")
+
+
+def card_of(patient: User) -> dict[str, Any]:
+    return {
+        "id": patient.id,
+        "full_name": patient.full_name,
+        "initials": "".join(f"{part[0]}." for part in patient.full_name.split() if part) or None,
+        "birth_date": patient.birth_date,
+        "age": age_on(patient.birth_date, dt.date.today()) if patient.birth_date else None,
+        "is_dependent": patient.guardian_id is not None,
+        "phone": patient.phone,
+        "timezone": patient.timezone,
+        "guardian_id": patient.guardian_id,
+        "questionnaire": patient.questionnaire,
+    }
+
+
+def age_on(born: dt.date, today: dt.date) -> int:
+    return today.year - born.year - ((today.month, today.day) < (born.month, born.day))
+
+
+def check_timezone(name: str) -> None:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise Invalid("unknown time zone", "timezone_invalid") from exc
+
+
+def check_birth_date(born: dt.date) -> None:
+    today = dt.date.today()
+    if born > today or age_on(born, today) > 130:
+        raise Invalid("birth date out of range", "birth_date_invalid")
+
+
+def clean_name(name: str) -> str:
+    cleaned = " ".join(name.split())
+    if not cleaned or not cleaned.isprintable():
+        raise Invalid("a name needs printable characters", "name_invalid")
+    return cleaned

@@ -1,0 +1,59 @@
+"""Access tokens (short JWTs, verified without the database) and opaque refresh tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from uuid import UUID
+
+import jwt
+
+from app.access import Role, Viewer
+from app.errors import NotAuthenticated
+from app.settings import Settings
+
+ALGORITHM = "HS256"
+REQUIRED_CLAIMS = ["exp", "iat", "sub", "typ"]
+
+
+class TokenIssuer:
+    def __init__(self, settings: Settings) -> None:
+        keys = settings.signing_keys
+        self._signing_kid, self._signing_secret = keys[0]
+        self._verifying = dict(keys)  # old keys keep verifying during a rotation overlap
+        self.access_seconds = settings.access_token_seconds
+
+    def issue_access(self, user_id: UUID, roles: list[str]) -> str:
+        now = int(time.time())
+        claims = {"sub": str(user_id), "typ": "access", "iat": now, "exp": now + self.access_seconds,
+                  "roles": roles}
+        return jwt.encode(claims, self._signing_secret, algorithm=ALGORITHM, headers={"kid": self._signing_kid})
+
+    def viewer_from(self, token: str) -> Viewer:
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+            secret = self._verifying.get(kid) if isinstance(kid, str) else None
+            if secret is None:
+                raise NotAuthenticated("unknown signing key", "token_invalid")
+            claims = jwt.decode(token, secret, algorithms=[ALGORITHM], options={"require": REQUIRED_CLAIMS})
+        except jwt.ExpiredSignatureError as exc:
+            raise NotAuthenticated("access token expired", "token_expired") from exc
+        except jwt.PyJWTError as exc:
+            raise NotAuthenticated("invalid access token", "token_invalid") from exc
+        if claims["typ"] != "access":
+            raise NotAuthenticated("not an access token", "token_invalid")
+        try:
+            return Viewer(id=UUID(claims["sub"]), roles=frozenset(Role(r) for r in claims.get("roles", [])))
+        except (ValueError, TypeError) as exc:
+            raise NotAuthenticated("invalid access token", "token_invalid") from exc
+
+
+def new_refresh_token() -> tuple[str, str]:
+    """(token for the client, hash to store). 256 random bits need no slow hash."""
+    token = secrets.token_urlsafe(32)
+    return token, hash_refresh_token(token)
+
+
+def hash_refresh_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()

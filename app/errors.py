@@ -1,0 +1,87 @@
+"""Domain errors and the one handler that turns any error into API.md's body."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+from advanced_alchemy.exceptions import DuplicateKeyError, NotFoundError, RepositoryError
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+log = logging.getLogger("app.errors")
+
+
+class DomainError(Exception):
+    """A rule refused the request; `reason` is the stable code clients branch on."""
+
+    status_code: ClassVar[int] = 422
+
+    def __init__(self, detail: str, reason: str | None = None, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra: dict[str, Any] = {"reason": reason, **extra} if reason else dict(extra)
+        self.headers: dict[str, str] = {}
+
+
+class Invalid(DomainError):
+    status_code = 422
+
+
+class NotAuthenticated(DomainError):
+    status_code = 401
+
+
+class Forbidden(DomainError):
+    status_code = 403
+
+
+class NotVisible(DomainError):
+    """Absent and not yours look the same, so a stranger learns nothing."""
+
+    status_code = 404
+
+    def __init__(self, detail: str = "not found", **extra: Any) -> None:
+        super().__init__(detail, **extra)
+
+
+class Conflict(DomainError):
+    status_code = 409
+
+
+class TooMany(DomainError):
+    status_code = 429
+
+    def __init__(self, detail: str, retry_after: int, reason: str = "rate_limited") -> None:
+        super().__init__(detail, reason, retry_after=retry_after)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+class Unavailable(DomainError):
+    status_code = 503
+
+
+REPOSITORY_STATUS: dict[type[Exception], int] = {NotFoundError: 404, DuplicateKeyError: 409}
+
+
+def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    headers: dict[str, str] = {}
+    if isinstance(exc, DomainError):
+        code, detail, extra, headers = exc.status_code, exc.detail, exc.extra, exc.headers
+    elif isinstance(exc, ValidationException):  # Litestar says 400; the contract says 422
+        code, detail = 422, "invalid input"
+        extra = {"reason": "invalid_input", "errors": exc.extra or []}
+    elif isinstance(exc, HTTPException):
+        code, detail = exc.status_code, exc.detail
+        extra = exc.extra if isinstance(exc.extra, dict) else {}
+        headers = dict(exc.headers or {})
+    elif isinstance(exc, RepositoryError):
+        code = REPOSITORY_STATUS.get(type(exc), 500)
+        detail, extra = ("internal error" if code == 500 else str(exc.detail)), {}
+    else:
+        code, detail, extra = 500, "internal error", {}
+    if code >= 500:
+        log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
+    return Response(
+        {"status_code": code, "detail": detail, "extra": extra}, status_code=code, headers=headers
+    )

@@ -1,0 +1,95 @@
+"""create_app(settings): the one place the service is assembled."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from advanced_alchemy.exceptions import RepositoryError
+from advanced_alchemy.extensions.litestar import SQLAlchemyPlugin
+from litestar import Litestar
+from litestar.exceptions import HTTPException
+from litestar.middleware import DefineMiddleware
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import ScalarRenderPlugin
+from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from redis.asyncio import Redis
+
+from app.accounts.controllers import (
+    AuthController,
+    DeviceController,
+    MeController,
+    PatientController,
+    StaffController,
+)
+from app.accounts.tokens import TokenIssuer
+from app.auth import TokenAuthMiddleware
+from app.db import alchemy_config
+from app.documents.storage import STORE_ERRORS, S3Store, object_store
+from app.errors import DomainError, error_response
+from app.health import HealthController
+from app.limits import InProcessLimiter, RedisLimiter
+from app.notifications.sms import sms_sender
+from app.observability import configure_logging, request_id_middleware
+from app.settings import Settings, settings_from_env
+
+log = logging.getLogger("app")
+SERVICE_PATHS = ["^/health", "^/metrics", "^/schema"]
+
+
+class MetricsController(PrometheusController):
+    path = "/metrics"
+    include_in_schema = False
+
+
+def create_app(settings: Settings) -> Litestar:
+    configure_logging(settings.log_level)
+    alchemy = alchemy_config(settings)
+    tokens = TokenIssuer(settings)  # fails fast on malformed JWT_KEYS
+
+    @asynccontextmanager
+    async def backing_services(app: Litestar) -> AsyncIterator[None]:
+        redis = Redis.from_url(settings.redis_url) if settings.redis_url else None
+        store = object_store(settings)
+        sms = sms_sender(settings)
+        app.state.update(
+            settings=settings, tokens=tokens, redis=redis, store=store, sms=sms, engine=alchemy.get_engine(),
+            limiter=RedisLimiter(redis) if redis is not None else InProcessLimiter(),
+        )
+        if isinstance(store, S3Store):
+            try:
+                await store.ensure_bucket()
+            except STORE_ERRORS:  # readiness reports it; the service still starts
+                log.warning("object storage unreachable at start")
+        try:
+            yield
+        finally:
+            await sms.aclose()
+            if redis is not None:
+                await redis.aclose()
+
+    metrics = PrometheusConfig(app_name="clinic", prefix="clinic", group_path=True,
+                               exclude=["^/metrics", "^/health"])
+    return Litestar(
+        route_handlers=[HealthController, MetricsController, AuthController, MeController, StaffController,
+                        PatientController, DeviceController],
+        plugins=[SQLAlchemyPlugin(config=alchemy)],
+        lifespan=[backing_services],
+        middleware=[
+            request_id_middleware(settings.log_requests),
+            metrics.middleware,
+            DefineMiddleware(TokenAuthMiddleware, exclude=SERVICE_PATHS),
+        ],
+        exception_handlers={DomainError: error_response, HTTPException: error_response,
+                            RepositoryError: error_response, Exception: error_response},
+        openapi_config=OpenAPIConfig(title="Clinic API", version="1", path="/schema",
+                                     render_plugins=[ScalarRenderPlugin()]),
+        logging_config=None,  # our JSON logging, configured above
+        debug=False,
+    )
+
+
+def app_from_env() -> Litestar:
+    """The uvicorn factory: settings from the environment."""
+    return create_app(settings_from_env())

@@ -1,0 +1,109 @@
+"""Every knob of the service, read from environment variables (names are the upper-cased fields).
+
+Unset backing services fall back to the embedded profile: a SQLite file, in-process
+pub/sub and limits, a local-disk object store and SMS written to a log file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgspec
+
+
+class Settings(msgspec.Struct, kw_only=True, frozen=True):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: str = "./var"
+    database_url: str = ""  # empty: sqlite file under data_dir
+    redis_url: str | None = None  # None: in-process pub/sub and rate limits
+    s3_endpoint_url: str | None = None  # None: local-disk object store under data_dir/objects
+    s3_bucket: str = "clinic"
+    s3_access_key: str | None = None
+    s3_secret_key: str | None = None
+    s3_region: str = "us-east-1"
+
+    default_region: str = "RU"  # how phone numbers without a country code are read
+    clinic_timezone: str = "Europe/Moscow"
+
+    otp_ttl_seconds: int = 300
+    otp_max_attempts: int = 5
+    otp_resend_seconds: int = 60
+    otp_per_ip_per_hour: int = 100
+    otp_length: int = 6
+
+    # "kid=secret,kid2=secret2": the first key signs; the others still verify (rotation overlap).
+    # Empty: a key is generated once and kept in data_dir/secrets.json.
+    jwt_keys: str = ""
+    secret_key: str = ""  # HMAC pepper for OTP codes; empty: generated and kept like jwt_keys
+    access_token_seconds: int = 900
+    refresh_token_days: int = 30
+
+    sms_backend: str = "log"  # log | http
+    sms_log_path: str = ""  # empty: data_dir/sms.log
+    sms_http_url: str | None = None
+    sms_http_token: str | None = None  # sent as "Authorization: Bearer <token>"
+    sms_http_user: str | None = None  # or HTTP basic credentials
+    sms_http_password: str | None = None
+    sms_http_template: str = '{"to": "{to}", "text": "{text}"}'  # JSON body; "{to}" and "{text}" filled in
+    sms_http_timeout_seconds: float = 5.0
+    sms_http_retries: int = 3
+
+    log_level: str = "INFO"
+    log_requests: bool = True
+    demo_data: bool = False  # load the demo clinic on first start (make run sets it)
+    db_pool_size: int = 10
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{Path(self.data_dir) / 'clinic.db'}"
+
+    @property
+    def resolved_sms_log_path(self) -> Path:
+        return Path(self.sms_log_path) if self.sms_log_path else Path(self.data_dir) / "sms.log"
+
+    @property
+    def objects_dir(self) -> Path:
+        return Path(self.data_dir) / "objects"
+
+    @property
+    def signing_keys(self) -> list[tuple[str, str]]:
+        """(kid, secret) pairs, the signing key first."""
+        pairs = []
+        for item in self.jwt_keys.split(","):
+            kid, sep, secret = item.strip().partition("=")
+            if not sep or not kid or len(secret) < 32:
+                raise ValueError("JWT_KEYS must be 'kid=secret,...' with secrets of 32+ characters")
+            pairs.append((kid, secret))
+        return pairs
+
+
+def settings_from_env(env: Mapping[str, str] = os.environ) -> Settings:
+    given = {f: env[f.upper()] for f in Settings.__struct_fields__ if f.upper() in env}
+    return with_generated_secrets(msgspec.convert(given, Settings, strict=False))
+
+
+def with_generated_secrets(settings: Settings) -> Settings:
+    """Fill unset secrets from data_dir/secrets.json, creating it once, so restarts keep sessions valid."""
+    if settings.jwt_keys and settings.secret_key:
+        return settings
+    path = Path(settings.data_dir) / "secrets.json"
+    if not path.exists():
+        fresh = {"jwt_keys": f"k1={secrets.token_urlsafe(48)}", "secret_key": secrets.token_urlsafe(48)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # O_EXCL: when two processes start at once, the first file wins and both read it
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(fresh, f)
+        except FileExistsError:
+            pass
+    stored = json.loads(path.read_text())
+    return msgspec.structs.replace(
+        settings,
+        jwt_keys=settings.jwt_keys or stored["jwt_keys"],
+        secret_key=settings.secret_key or stored["secret_key"],
+    )

@@ -1,0 +1,190 @@
+"""Shared fixtures. With TEST_POSTGRES_URL (set by `python -m tests.harness`) the suite runs on the real
+profile: PostgreSQL, Redis and SeaweedFS. Without it, on the embedded one: SQLite, in-process bus, local disk."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import random
+import secrets
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import msgspec
+import pytest
+from litestar.testing import AsyncTestClient
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+
+from app.accounts.service import AccountService
+from app.accounts.tokens import TokenIssuer
+from app.limits import InProcessLimiter
+from app.main import create_app
+from app.migrate import upgrade
+from app.notifications.sms import LogSms
+from app.settings import Settings
+
+POSTGRES = os.environ.get("TEST_POSTGRES_URL")
+PROFILE = "real" if POSTGRES else "embedded"
+
+
+def pytest_report_header() -> str:
+    return f"profile: {PROFILE}"
+
+
+async def create_database(name: str) -> str:
+    """A fresh PostgreSQL database on the harness's server; returns its SQLAlchemy URL."""
+    assert POSTGRES
+    admin = await asyncpg.connect(POSTGRES.replace("postgresql+asyncpg", "postgresql") + "/postgres")
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    return f"{POSTGRES}/{name}"
+
+
+async def fresh_database_url(tmp: Path, name: str) -> str:
+    return await create_database(name) if POSTGRES else f"sqlite+aiosqlite:///{tmp / (name + '.db')}"
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+async def database_url(data_dir: Path) -> str:
+    url = await fresh_database_url(data_dir, f"clinic_{secrets.token_hex(4)}")
+    await asyncio.to_thread(upgrade, url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def test_settings(data_dir: Path, database_url: str) -> Settings:
+    return Settings(
+        data_dir=str(data_dir),
+        database_url=database_url,
+        redis_url=os.environ.get("TEST_REDIS_URL"),
+        s3_endpoint_url=os.environ.get("TEST_S3_ENDPOINT_URL"),
+        s3_access_key=os.environ.get("TEST_S3_ACCESS_KEY"),
+        s3_secret_key=os.environ.get("TEST_S3_SECRET_KEY"),
+        s3_bucket=f"clinic-{secrets.token_hex(3)}",
+        sms_log_path=str(data_dir / "sms.log"),
+        jwt_keys=f"t1={secrets.token_urlsafe(40)}",
+        secret_key=secrets.token_urlsafe(40),
+        otp_per_ip_per_hour=1_000_000,  # every test client shares one address; the limit has its own test
+        log_requests=False,
+        log_level="WARNING",
+    )
+
+
+@asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[AsyncTestClient[Any]]:
+    async with AsyncTestClient(app=create_app(settings)) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+async def client(test_settings: Settings) -> AsyncIterator[AsyncTestClient[Any]]:
+    async with running(test_settings) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+async def session_maker(database_url: str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    engine = create_async_engine(database_url)
+    yield async_sessionmaker(engine, expire_on_commit=False)
+    await engine.dispose()
+
+
+_numbers = itertools.count(random.randrange(1_000_000, 8_000_000))
+
+
+@pytest.fixture
+def new_phone() -> Callable[[], str]:
+    """A phone no other test uses (Moscow mobile range, always valid)."""
+    return lambda: f"+7916{next(_numbers):07d}"
+
+
+def read_code(settings: Settings, phone: str) -> str:
+    lines = Path(settings.resolved_sms_log_path).read_text().splitlines()
+    for line in reversed(lines):
+        entry = json.loads(line)
+        if entry["to"] == phone:
+            return str(entry["text"].split("code: ")[1][:6])
+    raise AssertionError(f"no SMS to {phone}")
+
+
+class Session(msgspec.Struct):
+    id: UUID
+    phone: str
+    access: str
+    refresh: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.access}"}
+
+
+@pytest.fixture
+def login(client: AsyncTestClient[Any], test_settings: Settings) -> Callable[[str], Any]:
+    async def do(phone: str) -> Session:
+        assert (await client.post("/api/v1/auth/otp", json={"phone": phone})).status_code == 202
+        code = read_code(test_settings, phone)
+        answer = await client.post("/api/v1/auth/token", json={"phone": phone, "code": code})
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        return Session(id=UUID(body["user"]["id"]), phone=phone, access=body["access_token"],
+                       refresh=body["refresh_token"])
+
+    return do
+
+
+@pytest.fixture
+async def patient(login: Callable[[str], Any], new_phone: Callable[[], str]) -> Session:
+    session: Session = await login(new_phone())
+    return session
+
+
+@pytest.fixture
+def accounts_for(test_settings: Settings, session_maker: async_sessionmaker[AsyncSession]) -> Any:
+    """An AccountService on its own session, for arranging what the API cannot (the first admin)."""
+
+    @asynccontextmanager
+    async def make() -> AsyncIterator[AccountService]:
+        async with session_maker() as session:
+            yield AccountService(session, test_settings, TokenIssuer(test_settings), InProcessLimiter(),
+                                 LogSms(test_settings.resolved_sms_log_path))
+            await session.commit()
+
+    return make
+
+
+@pytest.fixture
+async def admin(accounts_for: Any, login: Callable[[str], Any], new_phone: Callable[[], str]) -> Session:
+    phone = new_phone()
+    async with accounts_for() as accounts:
+        await accounts.ensure_admin(phone, "Test Admin")
+    session: Session = await login(phone)
+    return session
+
+
+@pytest.fixture
+def staff(client: AsyncTestClient[Any], admin: Session, login: Callable[[str], Any],
+          new_phone: Callable[[], str]) -> Callable[..., Any]:
+    """Create a staff member through the admin API and sign them in."""
+
+    async def make(role: str, specialties: list[str] | None = None) -> Session:
+        phone = new_phone()
+        answer = await client.post("/api/v1/staff", headers=admin.headers, json={
+            "phone": phone, "full_name": f"Test {role}", "role": role, "specialties": specialties or []})
+        assert answer.status_code == 201, answer.text
+        session: Session = await login(phone)
+        return session
+
+    return make
