@@ -8,8 +8,8 @@ import phonenumbers
 
 from app.errors import Invalid
 
-# Digits, spaces and the usual punctuation; letters are refused (phonenumbers would read them as a keypad).
-_WRITTEN_PHONE = re.compile(r"^\+?[\d\s().\-]{5,32}$")
+# ASCII digits, spaces and the usual punctuation; letters are refused (phonenumbers would read them as a keypad).
+_WRITTEN_PHONE = re.compile(r"^\+?[0-9 ().\-]{5,32}$")
 
 
 def normalise_phone(raw: str, default_region: str) -> str:

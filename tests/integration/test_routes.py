@@ -1,0 +1,42 @@
+"""Every route declares who may call it: a guard, or an explicit public mark."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar.testing import AsyncTestClient
+
+SERVICE_PREFIXES = ("/health", "/metrics", "/schema")
+
+
+async def test_every_route_is_guarded_or_public(client: AsyncTestClient[Any]) -> None:
+    unguarded = []
+    for route in client.app.routes:
+        if route.path.startswith(SERVICE_PREFIXES):
+            continue
+        for handler in route.route_handlers:  # type: ignore[union-attr]
+            if handler.http_methods == {"OPTIONS"}:  # Litestar's own CORS preflight answer
+                continue
+            public = handler.opt.get("exclude_from_auth") is True
+            if not public and not handler.resolve_guards():
+                unguarded.append((route.path, handler.handler_name))
+    assert unguarded == []
+
+
+async def test_public_routes_are_only_the_login_steps(client: AsyncTestClient[Any]) -> None:
+    public = sorted(
+        route.path for route in client.app.routes for handler in route.route_handlers  # type: ignore[union-attr]
+        if handler.opt.get("exclude_from_auth") and not route.path.startswith(SERVICE_PREFIXES)
+    )
+    assert public == ["/api/v1/auth/otp", "/api/v1/auth/refresh", "/api/v1/auth/token"]
+
+
+async def test_every_api_route_refuses_an_anonymous_caller(client: AsyncTestClient[Any]) -> None:
+    for route in client.app.routes:
+        if not route.path.startswith("/api/") or route.path.startswith("/api/v1/auth/"):
+            continue
+        path = route.path.replace("{patient_id:uuid}", "00000000-0000-0000-0000-000000000000") \
+            .replace("{device_id:uuid}", "00000000-0000-0000-0000-000000000000")
+        for method in route.methods - {"OPTIONS", "HEAD"}:  # type: ignore[union-attr]
+            answer = await client.request(method, path)
+            assert answer.status_code == 401, (method, path)
