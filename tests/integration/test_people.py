@@ -93,7 +93,7 @@ async def test_a_guardian_reads_their_dependent_but_not_someone_elses(
     assert (await client.get(f"/api/v1/patients/{theirs['id']}", headers=patient.headers)).status_code == 404
 
 
-@pytest.mark.parametrize("role,specialties", [
+@pytest.mark.parametrize(("role", "specialties"), [
     ("registrar", []), ("admin", []), ("methodist", []),
 ])
 async def test_back_office_roles_read_a_card_through_their_mask(
@@ -110,7 +110,7 @@ async def test_back_office_roles_read_a_card_through_their_mask(
     assert card.json()["questionnaire"] is None
 
 
-@pytest.mark.parametrize("role,specialties", [
+@pytest.mark.parametrize(("role", "specialties"), [
     ("doctor", ["endocrinology"]), ("psychologist", ["psychology"]), ("sonographer", ["ultrasound"]),
     ("massage_therapist", ["massage"]),
 ])
@@ -148,7 +148,7 @@ async def test_admin_creates_staff_and_only_admin_may(
     assert taken_by_patient.json()["extra"]["reason"] == "phone_taken"
 
 
-@pytest.mark.parametrize("role,specialties,reason", [
+@pytest.mark.parametrize(("role", "specialties", "reason"), [
     ("doctor", [], "specialty_mismatch"),
     ("doctor", ["massage"], "specialty_mismatch"),
     ("psychologist", ["gynecology"], "specialty_mismatch"),

@@ -55,7 +55,9 @@ async def test_another_algorithm_with_the_same_key_is_refused(
     assert await me_status(client, hs512) == (401, "token_invalid")
 
 
-async def test_expired_token_is_refused(client: AsyncTestClient[Any], patient: Session, test_settings: Settings) -> None:
+async def test_expired_token_is_refused(
+    client: AsyncTestClient[Any], patient: Session, test_settings: Settings
+) -> None:
     kid, secret = signing_key(test_settings)
     now = int(time.time())
     old = jwt.encode({"sub": str(patient.id), "typ": "access", "iat": now - 1000, "exp": now - 100,

@@ -6,8 +6,18 @@ import uuid
 
 import pytest
 
-from app.access import CARD_FIELDS, CONTACTS, IDENTITY, MEDICAL, PSEUDONYM, VISIBLE_BY_ROLE, Role, Viewer, \
-    mask_patient, visible_card_fields
+from app.access import (
+    CARD_FIELDS,
+    CONTACTS,
+    IDENTITY,
+    MEDICAL,
+    PSEUDONYM,
+    VISIBLE_BY_ROLE,
+    Role,
+    Viewer,
+    mask_patient,
+    visible_card_fields,
+)
 
 PATIENT_ID = uuid.uuid4()
 CARD = {name: f"value of {name}" for name in CARD_FIELDS}
