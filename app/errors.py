@@ -71,6 +71,8 @@ def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[
     elif isinstance(exc, ValidationException):  # Litestar says 400; the contract says 422
         code, detail = 422, "invalid input"
         extra = {"reason": "invalid_input", "errors": exc.extra or []}
+    elif isinstance(exc, RecursionError):  # msgspec's answer to JSON nested thousands deep
+        code, detail, extra = 422, "invalid input: nested too deeply", {"reason": "invalid_input"}
     elif isinstance(exc, HTTPException):
         code, detail = exc.status_code, exc.detail
         extra = exc.extra if isinstance(exc.extra, dict) else {}
