@@ -135,3 +135,28 @@ def may_read_any_card(viewer: Viewer) -> bool:
 
 def is_clinician(viewer: Viewer) -> bool:
     return viewer.has_any(SPECIALIST_ROLES)
+
+
+# --- Consultations and conclusions -----------------------------------------------------------------
+
+BOOKERS_FOR_OTHERS = (Role.REGISTRAR, Role.ADMIN)  # book for any patient, confirm, see every calendar
+CALENDAR_READERS = (*SPECIALIST_ROLES, Role.REGISTRAR, Role.ADMIN, Role.PATIENT)
+
+
+def conclusion_visible(viewer: Viewer, *, author_id: UUID, author_role: str, own_patient: bool,
+                       in_care: bool) -> bool:
+    """Medical secrecy for conclusions.
+
+    The patient (or guardian) and the author always read it. A doctor in care of the patient (with a
+    consultation of their own) reads doctors' and psychologists' conclusions; a psychologist in care reads only
+    psychologists' ones; sonographers and massage therapists only their own; back-office roles none.
+    """
+    if own_patient or viewer.id == author_id:
+        return True
+    if not in_care:
+        return False
+    if Role.DOCTOR in viewer.roles:
+        return author_role in (Role.DOCTOR, Role.PSYCHOLOGIST)
+    if Role.PSYCHOLOGIST in viewer.roles:
+        return author_role == Role.PSYCHOLOGIST
+    return False

@@ -25,6 +25,7 @@ from app.accounts.controllers import (
 )
 from app.accounts.tokens import TokenIssuer
 from app.auth import TokenAuthMiddleware
+from app.consultations.controllers import CareController, ConsultationController
 from app.db import alchemy_config
 from app.documents.storage import STORE_ERRORS, S3Store, object_store
 from app.errors import DomainError, error_response
@@ -32,6 +33,8 @@ from app.health import HealthController
 from app.limits import InProcessLimiter, RedisLimiter
 from app.notifications.sms import sms_sender
 from app.observability import configure_logging, request_id_middleware
+from app.scheduling.controllers import CatalogueController
+from app.scheduling.service import FeedCache
 from app.settings import Settings, settings_from_env
 
 log = logging.getLogger("app")
@@ -56,6 +59,7 @@ def create_app(settings: Settings) -> Litestar:
         app.state.update(
             settings=settings, tokens=tokens, redis=redis, store=store, sms=sms, engine=alchemy.get_engine(),
             limiter=RedisLimiter(redis) if redis is not None else InProcessLimiter(),
+            slot_feed_cache=FeedCache(settings.slot_feed_cache_seconds, {}),
         )
         if isinstance(store, S3Store):
             try:
@@ -73,7 +77,8 @@ def create_app(settings: Settings) -> Litestar:
                                exclude=["^/metrics", "^/health"])
     return Litestar(
         route_handlers=[HealthController, MetricsController, AuthController, MeController, StaffController,
-                        PatientController, DeviceController],
+                        PatientController, DeviceController, CatalogueController, ConsultationController,
+                        CareController],
         plugins=[SQLAlchemyPlugin(config=alchemy)],
         lifespan=[backing_services],
         middleware=[

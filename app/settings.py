@@ -53,6 +53,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     sms_http_timeout_seconds: float = 5.0
     sms_http_retries: int = 3
 
+    hold_seconds: int = 300  # how long a clicked slot stays held for the one who clicked it
+    slot_feed_cache_seconds: float = 5.0  # the partner feed may be this stale; polling within it costs nothing
+
     log_level: str = "INFO"
     log_requests: bool = True
     demo_data: bool = False  # load the demo clinic on first start (make run sets it)

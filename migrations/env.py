@@ -8,7 +8,10 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-import app.accounts.models  # noqa: F401  (registers the tables)
+import app.accounts.models
+import app.consultations.models
+import app.outbox
+import app.scheduling.models  # noqa: F401
 from app.db import metadata
 from app.settings import settings_from_env
 

@@ -220,6 +220,73 @@ class AccountService:
             raise NotVisible("patient not found")
         return ward
 
+    async def patients_acted_for(self, viewer: Viewer) -> list[UUID]:
+        """The caller and their dependents: whose consultations, chats and results they see."""
+        wards = (await self.session.scalars(select(User.id).where(User.guardian_id == viewer.id))).all()
+        return [viewer.id, *wards]
+
+    async def user(self, user_id: UUID) -> User | None:
+        return await self.session.get(User, user_id)
+
+    async def timezone_of(self, user_id: UUID) -> str:
+        zone = await self.session.scalar(select(User.timezone).where(User.id == user_id))
+        return zone or self.settings.clinic_timezone
+
+    async def timezones(self, user_ids: list[UUID]) -> dict[UUID, str]:
+        if not user_ids:
+            return {}
+        rows = await self.session.execute(select(User.id, User.timezone).where(User.id.in_(set(user_ids))))
+        return {r.id: r.timezone for r in rows}
+
+    async def specialist(self, user_id: UUID) -> User:
+        user = await self.session.get(User, user_id)
+        if user is None or not user.specialties or not set(user.roles) & access.SPECIALIST_ROLES:
+            raise NotVisible("specialist not found")
+        return user
+
+    async def specialists(self, specialty: str | None = None) -> list[User]:
+        rows = (await self.session.scalars(select(User).where(User.is_staff.is_(True)).order_by(User.full_name))).all()
+        return [u for u in rows if u.specialties and set(u.roles) & access.SPECIALIST_ROLES
+                and (specialty is None or specialty in u.specialties)]
+
+    async def patient_for_front_desk(self, patient_id: UUID | None, phone: str | None, name: str | None,
+                                     dependent_name: str | None) -> UUID:
+        """The card a registrar books for: by id, or found by phone (and a dependent by name) so that a caller
+        who already has a card never gets a second one; an unknown phone gets a new card."""
+        if patient_id is not None:
+            patient = await self.session.get(User, patient_id)
+            if patient is None or patient.is_staff:
+                raise NotVisible("patient not found")
+            return patient.id
+        if phone is None:
+            raise Invalid("name the patient by patient_id or patient_phone", "patient_required")
+        e164 = normalise_phone(phone, self.settings.default_region)
+        holder = await self.session.scalar(select(User).where(User.phone == e164))
+        if holder is None:
+            holder = User(phone=e164, full_name=clean_name(name) if name else "", roles=[Role.PATIENT.value],
+                          timezone=self.settings.clinic_timezone)
+            self.session.add(holder)
+            await self.session.flush()
+        elif holder.is_staff and Role.PATIENT.value not in holder.roles:
+            raise Conflict("this phone belongs to a staff account", "phone_taken")
+        if dependent_name is None:
+            return holder.id
+        wanted = clean_name(dependent_name).casefold()
+        wards = (await self.session.scalars(select(User).where(User.guardian_id == holder.id))).all()
+        match = next((w for w in wards if w.full_name.casefold() == wanted), None)
+        if match is None:  # a dependent needs the guardian's legal basis, which only the guardian records
+            raise NotVisible("no dependent of that name under this phone", reason="dependent_not_found")
+        return match.id
+
+    async def briefs(self, viewer: Viewer, patient_ids: list[UUID]) -> dict[UUID, dict[str, Any]]:
+        """Masked cards of several patients in one query (calendars, lists)."""
+        if not patient_ids:
+            return {}
+        rows = (await self.session.scalars(select(User).where(User.id.in_(set(patient_ids))))).all()
+        acts_for = {u.id for u in rows if u.guardian_id == viewer.id}
+        return {u.id: access.mask_patient(card_of(u), access.visible_card_fields(viewer, u.id, acts_for))
+                for u in rows}
+
     # --- patient cards, through the secrecy masks ----------------------------------------------
 
     async def patient_card(self, viewer: Viewer, patient_id: UUID) -> dict[str, Any]:
@@ -228,11 +295,18 @@ class AccountService:
             raise NotVisible("patient not found")
         acts_for = [patient.id] if patient.guardian_id == viewer.id else []
         own = patient.id == viewer.id or acts_for
-        # clinicians see a card only through a consultation with the patient; none exist yet, so none see it
-        if not own and not access.may_read_any_card(viewer):
+        if not own and not access.may_read_any_card(viewer) and not await self._in_care(viewer, patient.id):
             raise NotVisible("patient not found")
         visible = access.visible_card_fields(viewer, patient.id, acts_for)
         return access.mask_patient(card_of(patient), visible)
+
+    async def _in_care(self, viewer: Viewer, patient_id: UUID) -> bool:
+        """A clinician sees a card only through a consultation of their own with the patient."""
+        if not access.is_clinician(viewer):
+            return False
+        from app.consultations.service import in_care  # consultations depend on accounts, not the reverse
+
+        return await in_care(self.session, viewer.id, patient_id)
 
     # --- staff ---------------------------------------------------------------------------------
 

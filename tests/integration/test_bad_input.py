@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from litestar.testing import AsyncTestClient
@@ -21,8 +22,8 @@ async def test_junk_bodies_never_cause_a_500(client: AsyncTestClient[Any], admin
     for route in client.app.routes:
         if not route.path.startswith("/api/"):
             continue
-        path = route.path.replace("{patient_id:uuid}", IDS).replace("{device_id:uuid}", IDS)
-        for method in route.methods & {"POST", "PATCH", "PUT"}:  # type: ignore[union-attr]
+        path = re.sub(r"\{\w+:uuid\}", IDS, route.path)
+        for method in route.methods & {"POST", "PATCH", "PUT", "DELETE"}:  # type: ignore[union-attr]
             for body in JUNK:
                 for headers in (admin.headers, {}):
                     if isinstance(body, bytes):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from litestar.testing import AsyncTestClient
@@ -28,15 +29,19 @@ async def test_public_routes_are_only_the_login_steps(client: AsyncTestClient[An
         route.path for route in client.app.routes for handler in route.route_handlers  # type: ignore[union-attr]
         if handler.opt.get("exclude_from_auth") and not route.path.startswith(SERVICE_PREFIXES)
     )
-    assert public == ["/api/v1/auth/otp", "/api/v1/auth/refresh", "/api/v1/auth/token"]
+    # the login steps, and the catalogue a patient or partner browses before signing in
+    assert public == ["/api/v1/auth/otp", "/api/v1/auth/refresh", "/api/v1/auth/token", "/api/v1/services",
+                      "/api/v1/slots/feed", "/api/v1/specialists", "/api/v1/specialties"]
 
 
 async def test_every_api_route_refuses_an_anonymous_caller(client: AsyncTestClient[Any]) -> None:
     for route in client.app.routes:
-        if not route.path.startswith("/api/") or route.path.startswith("/api/v1/auth/"):
+        if not route.path.startswith("/api/"):
             continue
-        path = route.path.replace("{patient_id:uuid}", "00000000-0000-0000-0000-000000000000") \
-            .replace("{device_id:uuid}", "00000000-0000-0000-0000-000000000000")
-        for method in route.methods - {"OPTIONS", "HEAD"}:  # type: ignore[union-attr]
-            answer = await client.request(method, path)
-            assert answer.status_code == 401, (method, path)
+        path = re.sub(r"\{\w+:uuid\}", "00000000-0000-0000-0000-000000000000", route.path)
+        for handler in route.route_handlers:  # type: ignore[union-attr]
+            if handler.opt.get("exclude_from_auth"):
+                continue
+            for method in handler.http_methods - {"OPTIONS", "HEAD"}:
+                answer = await client.request(method, path)
+                assert answer.status_code == 401, (method, path)

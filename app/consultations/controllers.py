@@ -1,0 +1,218 @@
+"""Thin HTTP handlers for consultations, their lifecycle, payments, conclusions, ratings and my-patients."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from litestar import Controller, Request, get, patch, post
+from litestar.datastructures import State
+from litestar.di import NamedDependency, Provide
+from litestar.params import FromPath, FromQuery, JSONBody, Parameter, QueryParameter
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import timeparams
+from app.access import ADMINS, BOOKERS_FOR_OTHERS, PATIENTS, SPECIALIST_ROLES, Viewer, require_roles, signed_in
+from app.accounts.controllers import parse_cursor
+from app.accounts.service import AccountService
+from app.consultations.models import AnalysisOrder, Conclusion, Consultation, Rating
+from app.consultations.schemas import (
+    AnalysisOrderOut,
+    AnalysisStatusIn,
+    BookIn,
+    CancelIn,
+    ConclusionIn,
+    ConclusionOut,
+    ConsultationOut,
+    MyPatientOut,
+    PatientBrief,
+    PayIn,
+    RatingIn,
+    RatingOut,
+    Status,
+)
+from app.consultations.service import ConsultationService
+from app.errors import Invalid
+from app.scheduling.service import SchedulingService
+from app.schemas import Page
+
+Limit = Annotated[int, Parameter(ge=1, le=500)]
+BRIEF_FIELDS = ("id", "full_name", "initials", "age", "is_dependent")
+
+
+async def provide_consultations(db_session: NamedDependency[AsyncSession], state: State) -> ConsultationService:
+    accounts = AccountService(db_session, state.settings, state.tokens, state.limiter, state.sms)
+    return ConsultationService(db_session, state.settings, accounts, SchedulingService(db_session, state.settings))
+
+
+def brief(card: dict[str, Any] | None) -> PatientBrief | None:
+    return PatientBrief(**{f: card.get(f) for f in BRIEF_FIELDS}) if card else None  # type: ignore[arg-type]
+
+
+def consultation_out(c: Consultation, card: dict[str, Any] | None = None) -> ConsultationOut:
+    return ConsultationOut(id=c.id, patient_id=c.patient_id, specialist_id=c.specialist_id, service_id=c.service_id,
+                           slot_id=c.slot_id, specialty=c.specialty, starts_at=c.starts_at, ends_at=c.ends_at,
+                           format=c.format, status=c.status, paid=c.paid, conversation_id=c.conversation_id,
+                           patient=brief(card))
+
+
+def conclusion_out(c: Conclusion, orders: list[AnalysisOrder]) -> ConclusionOut:
+    return ConclusionOut(id=c.id, consultation_id=c.consultation_id, patient_id=c.patient_id, author_id=c.author_id,
+                         diagnoses=c.diagnoses, recommendations=c.recommendations, treatment=c.treatment,
+                         analysis_orders=[order_out(o) for o in orders], follow_up=c.follow_up,
+                         created_at=c.created_at)
+
+
+def order_out(o: AnalysisOrder) -> AnalysisOrderOut:
+    return AnalysisOrderOut(id=o.id, name=o.name, status=o.status, expected_ready_on=o.expected_ready_on)
+
+
+def rating_out(r: Rating) -> RatingOut:
+    return RatingOut(consultation_id=r.consultation_id, specialist_id=r.specialist_id, score=r.score,
+                     comment=r.comment, created_at=r.created_at)
+
+
+def parse_calendar_cursor(cursor: str | None) -> tuple[dt.datetime, UUID] | None:
+    if cursor is None:
+        return None
+    try:
+        at, _, ident = cursor.partition("|")
+        return dt.datetime.fromisoformat(at), UUID(ident)
+    except ValueError as exc:
+        raise Invalid("bad cursor", "cursor_invalid") from exc
+
+
+class ConsultationController(Controller):
+    path = "/api/v1/consultations"
+    tags = ["consultations"]
+    dependencies = {"consultations": Provide(provide_consultations)}
+
+    async def _shaped(self, consultations: ConsultationService, viewer: Viewer, c: Consultation) -> ConsultationOut:
+        cards = await consultations.accounts.briefs(viewer, [c.patient_id])
+        return consultation_out(c, cards.get(c.patient_id))
+
+    @post("/", status_code=201, guards=[require_roles(*PATIENTS, *BOOKERS_FOR_OTHERS)])
+    async def book_consultation(self, request: Request[Viewer, Any, Any],
+                                consultations: NamedDependency[ConsultationService],
+                                data: JSONBody[BookIn]) -> ConsultationOut:
+        return await self._shaped(consultations, request.user, await consultations.book(request.user, data))
+
+    @get("/", guards=[signed_in])
+    async def list_consultations(self, request: Request[Viewer, Any, Any],
+                                 consultations: NamedDependency[ConsultationService],
+                                 from_: Annotated[str | None, QueryParameter(name="from")] = None,
+                                 to: FromQuery[str | None] = None, status: FromQuery[Status | None] = None,
+                                 specialist_id: FromQuery[UUID | None] = None, tz: FromQuery[str | None] = None,
+                                 limit: FromQuery[Limit] = 200, cursor: FromQuery[str | None] = None,
+                                 ) -> Page[ConsultationOut]:
+        start = end = None
+        if from_ or to:
+            zone = timeparams.zone(tz or await consultations.accounts.timezone_of(request.user.id))
+            start, end = timeparams.time_range(from_, to, zone)
+        page = await consultations.calendar(request.user, start, end, status, specialist_id, limit,
+                                            parse_calendar_cursor(cursor))
+        cards = await consultations.accounts.briefs(request.user, [c.patient_id for c in page.rows])
+        return Page(items=[consultation_out(c, cards.get(c.patient_id)) for c in page.rows],
+                    next_cursor=page.next_cursor)
+
+    @get("/{consultation_id:uuid}", guards=[signed_in])
+    async def get_consultation(self, request: Request[Viewer, Any, Any],
+                               consultations: NamedDependency[ConsultationService],
+                               consultation_id: FromPath[UUID]) -> ConsultationOut:
+        visit, _ = await consultations.visible(request.user, consultation_id)
+        return await self._shaped(consultations, request.user, visit)
+
+    async def _command(self, request: Request[Viewer, Any, Any], consultations: ConsultationService,
+                       consultation_id: UUID, command: str, reason: str | None = None) -> ConsultationOut:
+        visit = await consultations.transition(request.user, consultation_id, command, reason)
+        return await self._shaped(consultations, request.user, visit)
+
+    @post("/{consultation_id:uuid}/confirm", status_code=200, guards=[require_roles(*BOOKERS_FOR_OTHERS)])
+    async def confirm_consultation(self, request: Request[Viewer, Any, Any],
+                                   consultations: NamedDependency[ConsultationService],
+                                   consultation_id: FromPath[UUID]) -> ConsultationOut:
+        return await self._command(request, consultations, consultation_id, "confirm")
+
+    @post("/{consultation_id:uuid}/start", status_code=200, guards=[require_roles(*SPECIALIST_ROLES)])
+    async def start_consultation(self, request: Request[Viewer, Any, Any],
+                                 consultations: NamedDependency[ConsultationService],
+                                 consultation_id: FromPath[UUID]) -> ConsultationOut:
+        return await self._command(request, consultations, consultation_id, "start")
+
+    @post("/{consultation_id:uuid}/complete", status_code=200, guards=[require_roles(*SPECIALIST_ROLES)])
+    async def complete_consultation(self, request: Request[Viewer, Any, Any],
+                                    consultations: NamedDependency[ConsultationService],
+                                    consultation_id: FromPath[UUID]) -> ConsultationOut:
+        return await self._command(request, consultations, consultation_id, "complete")
+
+    @post("/{consultation_id:uuid}/cancel", status_code=200, guards=[require_roles(*PATIENTS, *BOOKERS_FOR_OTHERS)])
+    async def cancel_consultation(self, request: Request[Viewer, Any, Any],
+                                  consultations: NamedDependency[ConsultationService],
+                                  consultation_id: FromPath[UUID],
+                                  data: JSONBody[CancelIn | None] = None) -> ConsultationOut:
+        return await self._command(request, consultations, consultation_id, "cancel", data.reason if data else None)
+
+    @post("/{consultation_id:uuid}/no-show", status_code=200,
+          guards=[require_roles(*SPECIALIST_ROLES, *BOOKERS_FOR_OTHERS)])
+    async def mark_no_show(self, request: Request[Viewer, Any, Any],
+                           consultations: NamedDependency[ConsultationService],
+                           consultation_id: FromPath[UUID]) -> ConsultationOut:
+        return await self._command(request, consultations, consultation_id, "no_show")
+
+    @post("/{consultation_id:uuid}/pay", status_code=200, guards=[require_roles(*PATIENTS, *BOOKERS_FOR_OTHERS)])
+    async def pay_consultation(self, request: Request[Viewer, Any, Any],
+                               consultations: NamedDependency[ConsultationService], consultation_id: FromPath[UUID],
+                               data: JSONBody[PayIn]) -> ConsultationOut:
+        visit = await consultations.pay(request.user, consultation_id, data)
+        return await self._shaped(consultations, request.user, visit)
+
+    @post("/{consultation_id:uuid}/conclusion", status_code=201, guards=[require_roles(*SPECIALIST_ROLES)])
+    async def write_conclusion(self, request: Request[Viewer, Any, Any],
+                               consultations: NamedDependency[ConsultationService], consultation_id: FromPath[UUID],
+                               data: JSONBody[ConclusionIn]) -> ConclusionOut:
+        return conclusion_out(*await consultations.write_conclusion(request.user, consultation_id, data))
+
+    @get("/{consultation_id:uuid}/conclusion", guards=[signed_in])
+    async def read_conclusion(self, request: Request[Viewer, Any, Any],
+                              consultations: NamedDependency[ConsultationService],
+                              consultation_id: FromPath[UUID]) -> ConclusionOut:
+        return conclusion_out(*await consultations.read_conclusion(request.user, consultation_id))
+
+    @post("/{consultation_id:uuid}/rating", status_code=201, guards=[require_roles(*PATIENTS)])
+    async def rate_consultation(self, request: Request[Viewer, Any, Any],
+                                consultations: NamedDependency[ConsultationService], consultation_id: FromPath[UUID],
+                                data: JSONBody[RatingIn]) -> RatingOut:
+        return rating_out(await consultations.rate(request.user, consultation_id, data))
+
+
+class CareController(Controller):
+    path = "/api/v1"
+    tags = ["consultations"]
+    dependencies = {"consultations": Provide(provide_consultations)}
+
+    @get("/my-patients", guards=[require_roles(*SPECIALIST_ROLES)])
+    async def list_my_patients(self, request: Request[Viewer, Any, Any],
+                               consultations: NamedDependency[ConsultationService],
+                               tab: FromQuery[Literal["actual", "archive"]] = "actual",
+                               q: FromQuery[Annotated[str, Parameter(max_length=100)] | None] = None,
+                               ) -> Page[MyPatientOut]:
+        rows = await consultations.my_patients(request.user, tab, q)
+        return Page(items=[MyPatientOut(patient=brief(r.patient),  # type: ignore[arg-type]
+                                        next_consultation=consultation_out(r.next) if r.next else None,
+                                        last_consultation_at=r.last_at, tz_offset_minutes=r.tz_offset_minutes)
+                           for r in rows])
+
+    @patch("/analysis-orders/{order_id:uuid}", guards=[require_roles(*SPECIALIST_ROLES)])
+    async def update_analysis_order(self, request: Request[Viewer, Any, Any],
+                                    consultations: NamedDependency[ConsultationService], order_id: FromPath[UUID],
+                                    data: JSONBody[AnalysisStatusIn]) -> AnalysisOrderOut:
+        return order_out(await consultations.set_analysis_status(request.user, order_id, data.status))
+
+    @get("/alerts/ratings", guards=[require_roles(*ADMINS)])
+    async def list_low_ratings(self, consultations: NamedDependency[ConsultationService],
+                               limit: FromQuery[Annotated[int, Parameter(ge=1, le=100)]] = 50,
+                               cursor: FromQuery[str | None] = None) -> Page[RatingOut]:
+        rows = await consultations.low_ratings(limit, parse_cursor(cursor))
+        return Page(items=[rating_out(r) for r in rows[:limit]],
+                    next_cursor=str(rows[limit - 1].id) if len(rows) > limit else None)

@@ -1,0 +1,347 @@
+"""Consultation rules: booking, the lifecycle, payments, conclusions, ratings, calendars, my-patients."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+from uuid_utils.compat import uuid7
+
+from app import access, outbox
+from app.access import Role, Viewer
+from app.accounts.service import AccountService
+from app.consultations.lifecycle import TRANSITIONS, Party
+from app.consultations.models import AnalysisOrder, Conclusion, Consultation, Payment, Rating
+from app.consultations.schemas import AnalysisStatus, BookIn, ConclusionIn, Format, PayIn, RatingIn, Status
+from app.errors import Conflict, Forbidden, Invalid, NotVisible
+from app.scheduling.service import SchedulingService
+from app.schemas import money_ok
+from app.settings import Settings
+
+# ICD-10: a letter (U is reserved), two digits (or digit + A/B), an optional dot and up to four more
+ICD10 = re.compile(r"^[A-TV-Z][0-9][0-9AB](\.[0-9A-Z]{1,4})?$")
+LIVE = (Status.PENDING_CONFIRMATION, Status.CONFIRMED, Status.IN_PROGRESS)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+async def in_care(session: AsyncSession, specialist_id: UUID, patient_id: UUID) -> bool:
+    """Whether a specialist has (had or will have) a consultation with the patient."""
+    return bool(await session.scalar(select(exists().where(
+        Consultation.specialist_id == specialist_id, Consultation.patient_id == patient_id,
+        Consultation.status != Status.CANCELLED))))
+
+
+@dataclass(frozen=True, slots=True)
+class PatientRow:
+    patient: dict[str, Any]  # the masked card
+    next: Consultation | None
+    last_at: dt.datetime
+    tz_offset_minutes: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    rows: list[Consultation]
+    next_cursor: str | None
+
+
+class ConsultationService:
+    def __init__(self, session: AsyncSession, settings: Settings, accounts: AccountService,
+                 scheduling: SchedulingService) -> None:
+        self.session = session
+        self.settings = settings
+        self.accounts = accounts
+        self.scheduling = scheduling
+
+    # --- booking -------------------------------------------------------------------------------
+
+    async def book(self, viewer: Viewer, data: BookIn) -> Consultation:
+        front_desk = viewer.has_any(access.BOOKERS_FOR_OTHERS)
+        if front_desk:
+            patient_id = await self.accounts.patient_for_front_desk(data.patient_id, data.patient_phone,
+                                                                    data.patient_name, data.dependent_name)
+        else:
+            patient_id = await self.accounts.acting_patient(viewer, data.patient_id)
+        service = await self.scheduling.service(data.service_id)
+        slot = await self.scheduling.slot(data.slot_id)
+        specialist = await self.accounts.specialist(slot.specialist_id)
+        if service.specialty not in specialist.specialties:
+            raise Invalid("this specialist does not offer this service", "service_not_offered")
+        if slot.starts_at <= utcnow():
+            raise Invalid("the slot has already begun", "slot_in_past")
+        history = await self._history(patient_id)
+        if data.format is Format.ONLINE:
+            if service.in_person_only:
+                raise Invalid("this service is only given in person", "service_in_person_only")
+            if not history.completed_in_person:
+                raise Invalid("the first visit must be in person", "first_visit_in_person")
+        first_time = not history.completed_any
+        status = Status.PENDING_CONFIRMATION if first_time and not front_desk else Status.CONFIRMED
+        consultation_id = uuid7()
+        await self.scheduling.claim(slot.id, consultation_id, viewer, data.hold_id)  # 409 for every loser
+        visit = Consultation(
+            id=consultation_id, patient_id=patient_id, specialist_id=specialist.id, service_id=service.id,
+            slot_id=slot.id, specialty=service.specialty, starts_at=slot.starts_at, ends_at=slot.ends_at,
+            format=data.format.value, status=status.value, paid=False, booked_by=viewer.id)
+        self.session.add(visit)
+        try:
+            async with self.session.begin_nested():
+                await self.session.flush()
+        except IntegrityError as exc:  # the partial unique index, should the slot row ever disagree
+            raise Conflict("the slot is already taken", "slot_taken") from exc
+        self._announce(visit, "booked")
+        return visit
+
+    @dataclass(frozen=True, slots=True)
+    class History:
+        completed_any: bool
+        completed_in_person: bool
+
+    async def _history(self, patient_id: UUID) -> ConsultationService.History:
+        row = (await self.session.execute(select(
+            func.count().filter(Consultation.status == Status.COMPLETED),
+            func.count().filter(and_(Consultation.status == Status.COMPLETED,
+                                     Consultation.format == Format.IN_PERSON)),
+        ).where(Consultation.patient_id == patient_id))).one()
+        return ConsultationService.History(completed_any=row[0] > 0, completed_in_person=row[1] > 0)
+
+    # --- reading -------------------------------------------------------------------------------
+
+    async def _party(self, viewer: Viewer, visit: Consultation) -> Party:
+        for_patient = visit.patient_id == viewer.id or (
+            Role.PATIENT in viewer.roles and visit.patient_id in await self.accounts.patients_acted_for(viewer))
+        return Party(viewer=viewer, is_specialist=visit.specialist_id == viewer.id, for_patient=for_patient)
+
+    async def visible(self, viewer: Viewer, consultation_id: UUID) -> tuple[Consultation, Party]:
+        visit = await self.session.get(Consultation, consultation_id)
+        if visit is None:
+            raise NotVisible("consultation not found")
+        party = await self._party(viewer, visit)
+        if not (party.for_patient or party.is_specialist or party.is_front_desk):
+            raise NotVisible("consultation not found")
+        return visit, party
+
+    async def calendar(self, viewer: Viewer, start: dt.datetime | None, end: dt.datetime | None,
+                       status: str | None, specialist_id: UUID | None, limit: int,
+                       cursor: tuple[dt.datetime, UUID] | None) -> Page:
+        query = select(Consultation)
+        if viewer.has_any(access.BOOKERS_FOR_OTHERS):
+            if specialist_id is not None:
+                query = query.where(Consultation.specialist_id == specialist_id)
+        elif access.is_clinician(viewer):
+            query = query.where(Consultation.specialist_id == viewer.id)
+        else:
+            query = query.where(Consultation.patient_id.in_(await self.accounts.patients_acted_for(viewer)))
+        if start is not None:
+            query = query.where(Consultation.starts_at >= start)
+        if end is not None:
+            query = query.where(Consultation.starts_at < end)
+        if status is not None:
+            query = query.where(Consultation.status == status)
+        if cursor is not None:
+            query = query.where(or_(Consultation.starts_at > cursor[0],
+                                    and_(Consultation.starts_at == cursor[0], Consultation.id > cursor[1])))
+        rows = list((await self.session.scalars(
+            query.order_by(Consultation.starts_at, Consultation.id).limit(limit + 1))).all())
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return Page(rows, f"{rows[-1].starts_at.isoformat()}|{rows[-1].id}" if more else None)
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def transition(self, viewer: Viewer, consultation_id: UUID, command: str,
+                         reason: str | None = None) -> Consultation:
+        visit, party = await self.visible(viewer, consultation_id)
+        rule = TRANSITIONS[command]
+        if not rule.may(party):
+            raise Forbidden(f"you may not {command.replace('_', '-')} this consultation", "not_allowed")
+        now = utcnow()
+        if visit.status not in rule.sources:
+            raise Conflict(f"a {visit.status} consultation cannot be {command}ed", "transition_not_allowed",
+                           status=visit.status)
+        if (late := rule.timing(visit, now)) is not None:
+            raise Conflict(f"too {'late' if late != 'not_started_yet' else 'early'} to {command}", late)
+        values: dict[str, Any] = {"status": rule.target.value, "updated_at": now}
+        if rule.target is Status.IN_PROGRESS:
+            values["started_at"] = now
+        if rule.target is Status.COMPLETED:
+            values["completed_at"] = now
+        if rule.target is Status.CANCELLED:
+            values["cancel_reason"] = reason
+        # compare-and-set on the status, so two racing commands cannot both apply
+        changed = await self.session.execute(
+            update(Consultation).where(Consultation.id == visit.id, Consultation.status.in_(rule.sources))
+            .values(**values).returning(Consultation.id))
+        if changed.one_or_none() is None:
+            raise Conflict("the consultation changed meanwhile", "transition_not_allowed")
+        await self.session.refresh(visit)
+        if rule.target is Status.CANCELLED:
+            await self.scheduling.release(visit.slot_id, visit.id)
+            await self.scheduling.announce_free(await self.accounts.specialist(visit.specialist_id), visit.starts_at)
+        self._announce(visit, command)
+        return visit
+
+    async def pay(self, viewer: Viewer, consultation_id: UUID, data: PayIn) -> Consultation:
+        visit, party = await self.visible(viewer, consultation_id)
+        if not (party.for_patient or party.is_front_desk):
+            raise Forbidden("only the patient or the front desk record payments", "not_allowed")
+        if not money_ok(data.amount, allow_zero=False):
+            raise Invalid("an amount is above 0, at most 10,000,000, with at most two decimals", "amount_invalid")
+        known = await self.session.scalar(select(Payment).where(Payment.reference == data.reference))
+        if known is not None:  # the same payment reported again: answer as before
+            if known.consultation_id != visit.id:
+                raise Conflict("this payment reference belongs to another consultation", "payment_reference_used")
+            return visit
+        if visit.status in (Status.CANCELLED, Status.NO_SHOW):
+            raise Conflict(f"a {visit.status} consultation takes no payment", "transition_not_allowed")
+        self.session.add(Payment(consultation_id=visit.id, amount=data.amount, method=data.method,
+                                 reference=data.reference, recorded_by=viewer.id))
+        visit.paid = True
+        try:
+            async with self.session.begin_nested():
+                await self.session.flush()
+        except IntegrityError as exc:  # the same reference recorded in parallel
+            raise Conflict("this payment was already recorded", "payment_reference_used") from exc
+        self._announce(visit, "paid")
+        return visit
+
+    def _announce(self, visit: Consultation, change: str) -> None:
+        outbox.stage(self.session, "consultation.updated", visit.id,
+                     [str(visit.patient_id), str(visit.specialist_id)],
+                     {"consultation_id": str(visit.id), "status": visit.status, "change": change})
+
+    # --- conclusions ---------------------------------------------------------------------------
+
+    async def write_conclusion(self, viewer: Viewer, consultation_id: UUID,
+                               data: ConclusionIn) -> tuple[Conclusion, list[AnalysisOrder]]:
+        visit, party = await self.visible(viewer, consultation_id)
+        if not party.is_specialist:
+            raise Forbidden("only the consultation's specialist writes its conclusion", "not_allowed")
+        if visit.status not in (Status.IN_PROGRESS, Status.COMPLETED):
+            raise Conflict("a conclusion follows the start of the consultation", "consultation_not_started")
+        for diagnosis in data.diagnoses:
+            if not ICD10.fullmatch(diagnosis.code.strip().upper()):
+                raise Invalid(f"{diagnosis.code!r} is not an ICD-10 code", "icd10_invalid")
+        if data.diagnoses and sum(d.main for d in data.diagnoses) != 1:
+            raise Invalid("exactly one diagnosis is the main one", "main_diagnosis_required")
+        if data.follow_up and data.follow_up.service_id:
+            await self.scheduling.service(data.follow_up.service_id)
+        role = next((r for r in (Role.DOCTOR, Role.PSYCHOLOGIST, Role.SONOGRAPHER, Role.MASSAGE_THERAPIST)
+                     if r in viewer.roles), Role.DOCTOR)
+        conclusion = Conclusion(
+            id=uuid7(), consultation_id=visit.id, patient_id=visit.patient_id, author_id=viewer.id,
+            author_role=role.value,
+            diagnoses=[{"code": d.code.strip().upper(), "title": d.title.strip(), "main": d.main}
+                       for d in data.diagnoses],
+            recommendations=data.recommendations, treatment=data.treatment,
+            follow_up={"service_id": str(data.follow_up.service_id) if data.follow_up.service_id else None,
+                       "after_days": data.follow_up.after_days, "note": data.follow_up.note}
+            if data.follow_up else None)
+        orders = [AnalysisOrder(conclusion_id=conclusion.id, patient_id=visit.patient_id, name=o.name.strip(),
+                                status=o.status.value, expected_ready_on=o.expected_ready_on)
+                  for o in data.analysis_orders]
+        self.session.add(conclusion)
+        try:
+            async with self.session.begin_nested():
+                await self.session.flush()
+        except IntegrityError as exc:
+            raise Conflict("this consultation already has a conclusion", "conclusion_exists") from exc
+        self.session.add_all(orders)
+        await self.session.flush()
+        outbox.stage(self.session, "notice", conclusion.id, [str(visit.patient_id)],
+                     {"kind": "conclusion_ready", "consultation_id": str(visit.id)})
+        return conclusion, orders
+
+    async def read_conclusion(self, viewer: Viewer, consultation_id: UUID) -> tuple[Conclusion, list[AnalysisOrder]]:
+        visit = await self.session.get(Consultation, consultation_id)
+        conclusion = await self.session.scalar(select(Conclusion).where(Conclusion.consultation_id == consultation_id))
+        if visit is None or conclusion is None:
+            raise NotVisible("conclusion not found")
+        party = await self._party(viewer, visit)
+        care = access.is_clinician(viewer) and await in_care(self.session, viewer.id, visit.patient_id)
+        if not access.conclusion_visible(viewer, author_id=conclusion.author_id, author_role=conclusion.author_role,
+                                         own_patient=party.for_patient, in_care=care):
+            raise NotVisible("conclusion not found")
+        orders = (await self.session.scalars(select(AnalysisOrder).where(
+            AnalysisOrder.conclusion_id == conclusion.id).order_by(AnalysisOrder.id))).all()
+        return conclusion, list(orders)
+
+    async def set_analysis_status(self, viewer: Viewer, order_id: UUID, status: AnalysisStatus) -> AnalysisOrder:
+        order = await self.session.get(AnalysisOrder, order_id)
+        conclusion = await self.session.get(Conclusion, order.conclusion_id) if order else None
+        if order is None or conclusion is None or conclusion.author_id != viewer.id:
+            raise NotVisible("analysis order not found")
+        order.status = status.value
+        await self.session.flush()
+        return order
+
+    # --- ratings -------------------------------------------------------------------------------
+
+    async def rate(self, viewer: Viewer, consultation_id: UUID, data: RatingIn) -> Rating:
+        visit, party = await self.visible(viewer, consultation_id)
+        if not party.for_patient:
+            raise Forbidden("only the patient rates a consultation", "not_allowed")
+        if visit.status != Status.COMPLETED:
+            raise Conflict("only a completed consultation can be rated", "not_completed")
+        rating = Rating(consultation_id=visit.id, specialist_id=visit.specialist_id, score=data.score,
+                        comment=data.comment.strip() if data.comment else None)
+        self.session.add(rating)
+        try:
+            async with self.session.begin_nested():
+                await self.session.flush()
+        except IntegrityError as exc:
+            raise Conflict("this consultation was already rated", "already_rated") from exc
+        if data.score <= 2:  # a poor visit alerts the responsible staff at once
+            outbox.stage(self.session, "notice", rating.id, ["role:admin"],
+                         {"kind": "low_rating", "consultation_id": str(visit.id), "score": data.score})
+        return rating
+
+    async def low_ratings(self, limit: int, cursor: UUID | None) -> list[Rating]:
+        query = select(Rating).where(Rating.score <= 2).order_by(Rating.id.desc()).limit(limit + 1)
+        if cursor is not None:
+            query = query.where(Rating.id < cursor)
+        return list((await self.session.scalars(query)).all())
+
+    # --- a specialist's patients ---------------------------------------------------------------
+
+    async def my_patients(self, viewer: Viewer, tab: str, q: str | None) -> list[PatientRow]:
+        now = utcnow()
+        visits = (await self.session.scalars(
+            select(Consultation).where(Consultation.specialist_id == viewer.id,
+                                       Consultation.status != Status.CANCELLED)
+            .order_by(Consultation.starts_at).limit(20_000))).all()
+        by_patient: dict[UUID, list[Consultation]] = {}
+        for visit in visits:
+            by_patient.setdefault(visit.patient_id, []).append(visit)
+        briefs = await self.accounts.briefs(viewer, list(by_patient))
+        clinic = ZoneInfo(self.settings.clinic_timezone)
+        zones = await self.accounts.timezones(list(by_patient))
+        needle = (q or "").strip().casefold()
+        rows = []
+        for patient_id, own in by_patient.items():
+            upcoming = [v for v in own if v.status in LIVE and v.ends_at > now]
+            actual = bool(upcoming) or any(v.paid and v.status in LIVE for v in own)
+            if (tab == "actual") != actual:
+                continue
+            brief = briefs[patient_id]
+            if needle and not any(needle in str(brief.get(f) or "").casefold() for f in ("full_name", "phone")):
+                continue
+            zone = zones.get(patient_id)
+            offset = None
+            if zone:
+                offset = int(((now.astimezone(ZoneInfo(zone)).utcoffset() or dt.timedelta())
+                              - (now.astimezone(clinic).utcoffset() or dt.timedelta())).total_seconds() // 60)
+            rows.append(PatientRow(brief, upcoming[0] if upcoming else None, max(v.starts_at for v in own), offset))
+        never = dt.datetime.max.replace(tzinfo=dt.UTC)
+        rows.sort(key=lambda r: (r.next.starts_at if r.next else never, str(r.patient.get("full_name") or "")))
+        return rows

@@ -1,0 +1,163 @@
+"""Thin HTTP handlers for the catalogue, schedules, slots, holds, the partner feed and the waitlist."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from litestar import Controller, Request, Response, get, post, put
+from litestar.datastructures import State
+from litestar.di import NamedDependency, Provide
+from litestar.params import FromPath, FromQuery, JSONBody, Parameter, QueryParameter
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import timeparams
+from app.access import BOOKERS_FOR_OTHERS, PATIENTS, Role, Viewer, require_roles, signed_in
+from app.accounts.controllers import parse_cursor, provide_accounts
+from app.accounts.service import AccountService
+from app.scheduling.models import ClinicService, Schedule, Slot, WaitlistRequest
+from app.scheduling.schemas import (
+    HoldOut,
+    ScheduleIn,
+    ScheduleOut,
+    ServiceIn,
+    ServiceOut,
+    SlotOut,
+    SpecialistOut,
+    SpecialtyOut,
+    WaitlistIn,
+    WaitlistOut,
+    WaitlistResolveIn,
+    WorkingHours,
+)
+from app.scheduling.service import FeedCache, SchedulingService
+from app.schemas import Page
+from app.specialties import TITLES, Specialty
+
+PUBLIC: dict[str, Any] = {"exclude_from_auth": True}
+Limit = Annotated[int, Parameter(ge=1, le=100)]
+SCHEDULERS = (Role.ADMIN, Role.REGISTRAR)
+
+
+async def provide_scheduling(db_session: NamedDependency[AsyncSession], state: State) -> SchedulingService:
+    return SchedulingService(db_session, state.settings)
+
+
+DEPENDENCIES = {"scheduling": Provide(provide_scheduling), "accounts": Provide(provide_accounts)}
+
+
+def service_out(s: ClinicService) -> ServiceOut:
+    return ServiceOut(id=s.id, specialty=s.specialty, title=s.title, duration_minutes=s.duration_minutes,
+                      price=s.price, in_person_only=s.in_person_only, stage=s.stage)
+
+
+def slot_out(slot: Slot, tz: Any) -> SlotOut:
+    return SlotOut(id=slot.id, specialist_id=slot.specialist_id, starts_at=slot.starts_at.astimezone(tz),
+                   ends_at=slot.ends_at.astimezone(tz))
+
+
+def waitlist_out(w: WaitlistRequest) -> WaitlistOut:
+    return WaitlistOut(id=w.id, patient_id=w.patient_id, requested_by=w.requested_by, specialty=w.specialty,
+                       specialist_id=w.specialist_id, note=w.note, status=w.status, notified_at=w.notified_at,
+                       created_at=w.created_at)
+
+
+def schedule_out(s: Schedule, created: int, removed: int) -> ScheduleOut:
+    return ScheduleOut(specialist_id=s.specialist_id, timezone=s.timezone, slot_minutes=s.slot_minutes,
+                       horizon_days=s.horizon_days, weekly=[WorkingHours(**w) for w in s.weekly],
+                       breaks=[WorkingHours(**b) for b in s.breaks], slots_created=created, slots_removed=removed)
+
+
+class CatalogueController(Controller):
+    path = "/api/v1"
+    tags = ["scheduling"]
+    dependencies = DEPENDENCIES
+
+    @get("/specialties", opt=PUBLIC)
+    async def list_specialties(self) -> Page[SpecialtyOut]:
+        return Page(items=[SpecialtyOut(code=s.value, title=TITLES[s]) for s in Specialty])
+
+    @get("/services", opt=PUBLIC)
+    async def list_services(self, scheduling: NamedDependency[SchedulingService],
+                            specialty: FromQuery[Specialty | None] = None) -> Page[ServiceOut]:
+        return Page(items=[service_out(s) for s in await scheduling.services(specialty)])
+
+    @post("/services", status_code=201, guards=[require_roles(Role.ADMIN)])
+    async def create_service(self, scheduling: NamedDependency[SchedulingService],
+                             data: JSONBody[ServiceIn]) -> ServiceOut:
+        return service_out(await scheduling.create_service(data))
+
+    @get("/specialists", opt=PUBLIC)
+    async def list_specialists(self, accounts: NamedDependency[AccountService],
+                               specialty: FromQuery[Specialty | None] = None) -> Page[SpecialistOut]:
+        return Page(items=[SpecialistOut(id=u.id, full_name=u.full_name, specialties=list(u.specialties),
+                                         timezone=u.timezone) for u in await accounts.specialists(specialty)])
+
+    @put("/specialists/{specialist_id:uuid}/schedule", guards=[require_roles(*SCHEDULERS)])
+    async def set_schedule(self, scheduling: NamedDependency[SchedulingService],
+                           accounts: NamedDependency[AccountService], specialist_id: FromPath[UUID],
+                           data: JSONBody[ScheduleIn]) -> ScheduleOut:
+        timeparams.zone(data.timezone)
+        specialist = await accounts.specialist(specialist_id)
+        schedule, created, removed = await scheduling.set_schedule(specialist, data)
+        return schedule_out(schedule, created, removed)
+
+    @get("/specialists/{specialist_id:uuid}/slots", guards=[signed_in])
+    async def list_slots(self, request: Request[Viewer, Any, Any], scheduling: NamedDependency[SchedulingService],
+                         accounts: NamedDependency[AccountService], specialist_id: FromPath[UUID],
+                         from_: Annotated[str | None, QueryParameter(name="from")] = None,
+                         to: FromQuery[str | None] = None, tz: FromQuery[str | None] = None) -> Page[SlotOut]:
+        zone = timeparams.zone(tz or await accounts.timezone_of(request.user.id))
+        start, end = timeparams.time_range(from_, to, zone)
+        await accounts.specialist(specialist_id)
+        return Page(items=[slot_out(s, zone) for s in await scheduling.free_slots(specialist_id, start, end)])
+
+    @post("/slots/{slot_id:uuid}/hold", status_code=201, guards=[require_roles(*PATIENTS, *BOOKERS_FOR_OTHERS)])
+    async def hold_slot(self, request: Request[Viewer, Any, Any], scheduling: NamedDependency[SchedulingService],
+                        slot_id: FromPath[UUID]) -> HoldOut:
+        hold_id, until = await scheduling.hold(slot_id, request.user)
+        return HoldOut(hold_id=hold_id, slot_id=slot_id, expires_at=until)
+
+    @get("/slots/feed", opt=PUBLIC)
+    async def slot_feed(self, request: Request[Any, Any, Any], state: State,
+                        scheduling: NamedDependency[SchedulingService], accounts: NamedDependency[AccountService],
+                        specialty: FromQuery[Specialty | None] = None,
+                        from_: Annotated[str | None, QueryParameter(name="from")] = None,
+                        to: FromQuery[str | None] = None) -> Response[bytes]:
+        cache: FeedCache = state.slot_feed_cache
+        key = (specialty, from_, to)
+        cached = cache.get(key)
+        if cached is None:
+            start, end = timeparams.time_range(from_, to, timeparams.zone(state.settings.clinic_timezone))
+            specialists = {u.id: list(u.specialties) for u in await accounts.specialists()}
+            body = await scheduling.feed(specialty, start, end, specialists)
+            cached = body, cache.put(key, body)
+        body, etag = cached
+        headers = {"ETag": etag, "Cache-Control": f"public, max-age={int(cache.seconds)}"}
+        if etag in request.headers.get("if-none-match", ""):
+            return Response(b"", status_code=304, headers=headers)
+        return Response(body, media_type="application/json", headers=headers)
+
+    @post("/waitlist", status_code=201, guards=[require_roles(*PATIENTS)])
+    async def join_waitlist(self, request: Request[Viewer, Any, Any], scheduling: NamedDependency[SchedulingService],
+                            accounts: NamedDependency[AccountService], data: JSONBody[WaitlistIn]) -> WaitlistOut:
+        patient_id = await accounts.acting_patient(request.user, data.patient_id)
+        if data.specialist_id is not None:
+            await accounts.specialist(data.specialist_id)
+        return waitlist_out(await scheduling.add_to_waitlist(patient_id, request.user, data.specialty.value,
+                                                             data.specialist_id, data.note))
+
+    @get("/waitlist", guards=[require_roles(*BOOKERS_FOR_OTHERS)])
+    async def list_waitlist(self, scheduling: NamedDependency[SchedulingService],
+                            status: FromQuery[Literal["open", "resolved"] | None] = "open",
+                            limit: FromQuery[Limit] = 50,
+                            cursor: FromQuery[str | None] = None) -> Page[WaitlistOut]:
+        rows = await scheduling.waitlist(status, limit, parse_cursor(cursor))
+        return Page(items=[waitlist_out(w) for w in rows[:limit]],
+                    next_cursor=str(rows[limit - 1].id) if len(rows) > limit else None)
+
+    @post("/waitlist/{request_id:uuid}/resolve", status_code=200, guards=[require_roles(*BOOKERS_FOR_OTHERS)])
+    async def resolve_waitlist(self, request: Request[Viewer, Any, Any],
+                               scheduling: NamedDependency[SchedulingService], request_id: FromPath[UUID],
+                               data: JSONBody[WaitlistResolveIn]) -> WaitlistOut:
+        return waitlist_out(await scheduling.resolve_waitlist(request_id, request.user, data.resolution))

@@ -1,0 +1,233 @@
+"""Scheduling rules: the catalogue, schedules and their slots, holds, claiming a slot, the waitlist, the feed."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import msgspec
+from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+from uuid_utils.compat import uuid7
+
+from app import outbox
+from app.access import Viewer
+from app.accounts.models import User
+from app.errors import Conflict, Invalid, NotVisible
+from app.scheduling.calendar import slot_times, valid_hours
+from app.scheduling.models import ClinicService, Schedule, Slot, WaitlistRequest
+from app.scheduling.schemas import FeedSlotOut, ScheduleIn, ServiceIn
+from app.schemas import money_ok
+from app.settings import Settings
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def is_free(now: dt.datetime) -> Any:
+    """SQL: the slot is neither booked nor under a live hold."""
+    return and_(Slot.consultation_id.is_(None), or_(Slot.held_until.is_(None), Slot.held_until <= now))
+
+
+@dataclass
+class FeedCache:
+    """The partner feed per query, kept a few seconds: heavy polling costs one query per window."""
+
+    seconds: float
+    entries: dict[tuple[Any, ...], tuple[float, bytes, str]]
+
+    def get(self, key: tuple[Any, ...]) -> tuple[bytes, str] | None:
+        hit = self.entries.get(key)
+        return (hit[1], hit[2]) if hit and hit[0] > time.monotonic() else None
+
+    def put(self, key: tuple[Any, ...], body: bytes) -> str:
+        etag = '"' + hashlib.blake2b(body, digest_size=16).hexdigest() + '"'
+        if len(self.entries) > 1000:
+            self.entries.clear()
+        self.entries[key] = (time.monotonic() + self.seconds, body, etag)
+        return etag
+
+
+class SchedulingService:
+    def __init__(self, session: AsyncSession, settings: Settings) -> None:
+        self.session = session
+        self.settings = settings
+
+    # --- catalogue -----------------------------------------------------------------------------
+
+    async def services(self, specialty: str | None) -> list[ClinicService]:
+        query = select(ClinicService).where(ClinicService.active.is_(True)).order_by(ClinicService.specialty,
+                                                                                     ClinicService.title)
+        if specialty:
+            query = query.where(ClinicService.specialty == specialty)
+        return list((await self.session.scalars(query)).all())
+
+    async def create_service(self, data: ServiceIn) -> ClinicService:
+        if not money_ok(data.price):
+            raise Invalid("a price is 0 to 10,000,000 with at most two decimals", "price_invalid")
+        service = ClinicService(specialty=data.specialty.value, title=data.title.strip(),
+                                duration_minutes=data.duration_minutes, price=data.price,
+                                in_person_only=data.in_person_only, stage=data.stage.value)
+        self.session.add(service)
+        await self.session.flush()
+        return service
+
+    async def service(self, service_id: UUID) -> ClinicService:
+        service = await self.session.get(ClinicService, service_id)
+        if service is None or not service.active:
+            raise Invalid("no such service", "service_unknown")
+        return service
+
+    # --- schedules and slots -------------------------------------------------------------------
+
+    async def schedule_of(self, specialist_id: UUID) -> Schedule | None:
+        return await self.session.scalar(select(Schedule).where(Schedule.specialist_id == specialist_id))
+
+    async def set_schedule(self, specialist: User, data: ScheduleIn) -> tuple[Schedule, int, int]:
+        """Store the week and bring future slots in line with it; booked and held slots always stay."""
+        weekly = [msgspec.to_builtins(w) for w in data.weekly]
+        breaks = [msgspec.to_builtins(b) for b in data.breaks]
+        if not valid_hours(weekly) or not valid_hours(breaks):
+            raise Invalid("each interval must start before it ends", "hours_invalid")
+        schedule = await self.schedule_of(specialist.id)
+        if schedule is None:
+            schedule = Schedule(specialist_id=specialist.id)
+            self.session.add(schedule)
+        schedule.timezone, schedule.slot_minutes, schedule.horizon_days = (data.timezone, data.slot_minutes,
+                                                                           data.horizon_days)
+        schedule.weekly, schedule.breaks = weekly, breaks
+
+        now = utcnow()
+        first_day = now.astimezone(_zone(data.timezone)).date()
+        wanted = {start: end for start, end in slot_times(data.timezone, weekly, breaks, data.slot_minutes,
+                                                           first_day, data.horizon_days + 1) if start > now}
+        existing = (await self.session.scalars(
+            select(Slot).where(Slot.specialist_id == specialist.id, Slot.ends_at > now))).all()
+        keep = [s for s in existing if s.consultation_id is not None or (s.held_until and s.held_until > now)
+                or wanted.get(s.starts_at) == s.ends_at]
+        drop = [s.id for s in existing if s not in keep]
+        if drop:
+            await self.session.execute(delete(Slot).where(Slot.id.in_(drop), is_free(now)))
+        kept_spans = sorted((s.starts_at, s.ends_at) for s in keep)
+        fresh = [Slot(id=uuid7(), specialist_id=specialist.id, starts_at=start, ends_at=end)
+                 for start, end in sorted(wanted.items())
+                 if not any(a < end and start < b for a, b in kept_spans)]  # never overlap a kept slot
+        self.session.add_all(fresh)
+        await self.session.flush()
+        if fresh:
+            await self.announce_free(specialist, fresh[0].starts_at)
+        return schedule, len(fresh), len(drop)
+
+    async def free_slots(self, specialist_id: UUID, start: dt.datetime, end: dt.datetime) -> list[Slot]:
+        now = utcnow()
+        query = (select(Slot).where(Slot.specialist_id == specialist_id, Slot.starts_at >= max(start, now),
+                                    Slot.starts_at < end, is_free(now))
+                 .order_by(Slot.starts_at).limit(2000))
+        return list((await self.session.scalars(query)).all())
+
+    async def slot(self, slot_id: UUID) -> Slot:
+        slot = await self.session.get(Slot, slot_id)
+        if slot is None:
+            raise NotVisible("slot not found")
+        return slot
+
+    async def hold(self, slot_id: UUID, viewer: Viewer) -> tuple[UUID, dt.datetime]:
+        now = utcnow()
+        hold_id, until = uuid7(), now + dt.timedelta(seconds=self.settings.hold_seconds)
+        held = await self.session.execute(
+            update(Slot).where(Slot.id == slot_id, Slot.starts_at > now, is_free(now))
+            .values(hold_id=hold_id, held_by=viewer.id, held_until=until).returning(Slot.id))
+        if held.one_or_none() is None:
+            await self.slot(slot_id)  # 404 when it does not exist at all
+            raise Conflict("the slot is taken or held by someone else", "slot_taken")
+        return hold_id, until
+
+    async def claim(self, slot_id: UUID, consultation_id: UUID, viewer: Viewer, hold_id: UUID | None) -> Slot:
+        """Book the slot for a consultation: one conditional UPDATE, so exactly one racer wins."""
+        now = utcnow()
+        mine = and_(Slot.hold_id == hold_id, Slot.held_by == viewer.id) if hold_id else None
+        free = is_free(now) if mine is None else or_(is_free(now), and_(Slot.consultation_id.is_(None), mine))
+        claimed = await self.session.execute(
+            update(Slot).where(Slot.id == slot_id, Slot.starts_at > now, free)
+            .values(consultation_id=consultation_id, hold_id=None, held_by=None, held_until=None)
+            .returning(Slot.id))
+        if claimed.one_or_none() is None:
+            raise Conflict("the slot is already taken", "slot_taken")
+        return await self.slot(slot_id)
+
+    async def release(self, slot_id: UUID, consultation_id: UUID) -> None:
+        await self.session.execute(update(Slot).where(Slot.id == slot_id, Slot.consultation_id == consultation_id)
+                                   .values(consultation_id=None))
+
+    # --- the partner feed ----------------------------------------------------------------------
+
+    async def feed(self, specialty: str | None, start: dt.datetime, end: dt.datetime,
+                   specialists: dict[UUID, list[str]]) -> bytes:
+        now = utcnow()
+        ids = [sid for sid, specs in specialists.items() if specialty is None or specialty in specs]
+        if not ids:
+            return msgspec.json.encode({"items": [], "next_cursor": None})
+        rows = (await self.session.execute(
+            select(Slot.id, Slot.specialist_id, Slot.starts_at, Slot.ends_at)
+            .where(Slot.specialist_id.in_(ids), Slot.starts_at >= max(start, now), Slot.starts_at < end, is_free(now))
+            .order_by(Slot.starts_at, Slot.id).limit(5000))).all()
+        items = [FeedSlotOut(id=r.id, specialist_id=r.specialist_id, specialties=specialists[r.specialist_id],
+                             starts_at=r.starts_at, ends_at=r.ends_at) for r in rows]
+        return msgspec.json.encode({"items": items, "next_cursor": None})
+
+    # --- waitlist ------------------------------------------------------------------------------
+
+    async def add_to_waitlist(self, patient_id: UUID, viewer: Viewer, specialty: str,
+                              specialist_id: UUID | None, note: str) -> WaitlistRequest:
+        request = WaitlistRequest(patient_id=patient_id, requested_by=viewer.id, specialty=specialty,
+                                  specialist_id=specialist_id, note=note.strip())
+        self.session.add(request)
+        await self.session.flush()
+        return request
+
+    async def waitlist(self, status: str | None, limit: int, cursor: UUID | None) -> list[WaitlistRequest]:
+        query = select(WaitlistRequest).order_by(WaitlistRequest.id).limit(limit + 1)
+        if status:
+            query = query.where(WaitlistRequest.status == status)
+        if cursor:
+            query = query.where(WaitlistRequest.id > cursor)
+        return list((await self.session.scalars(query)).all())
+
+    async def resolve_waitlist(self, request_id: UUID, viewer: Viewer, resolution: str) -> WaitlistRequest:
+        request = await self.session.get(WaitlistRequest, request_id)
+        if request is None:
+            raise NotVisible("waitlist request not found")
+        if request.status != "open":
+            raise Conflict("already resolved", "waitlist_resolved")
+        request.status, request.resolved_by, request.resolution = "resolved", viewer.id, resolution.strip()
+        await self.session.flush()
+        return request
+
+    async def announce_free(self, specialist: User, starts_at: dt.datetime) -> int:
+        """Tell open waitlist requests that match this specialist that a slot has opened."""
+        matching = (await self.session.scalars(select(WaitlistRequest).where(
+            WaitlistRequest.status == "open",
+            or_(WaitlistRequest.specialist_id == specialist.id,
+                and_(WaitlistRequest.specialist_id.is_(None), WaitlistRequest.specialty.in_(specialist.specialties))),
+        ))).all()
+        now = utcnow()
+        for request in matching:
+            request.notified_at = now
+            outbox.stage(self.session, "notice", request.id,
+                         sorted({str(request.patient_id), str(request.requested_by)}),
+                         {"kind": "waitlist_slot_available", "waitlist_id": str(request.id),
+                          "specialist_id": str(specialist.id), "starts_at": starts_at.isoformat()})
+        return len(matching)
+
+
+def _zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise Invalid("unknown time zone", "timezone_invalid") from exc
