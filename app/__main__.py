@@ -46,7 +46,7 @@ def create_admin(settings: Settings, phone: str, full_name: str | None) -> int:
 
 def demo(settings: Settings) -> None:
     async def work(session: object) -> object:
-        return await load_demo(session, settings.clinic_timezone)  # type: ignore[arg-type]
+        return await load_demo(session, settings)  # type: ignore[arg-type]
 
     rows = asyncio.run(_with_session(settings, work))
     if isinstance(rows, list):
