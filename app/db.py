@@ -11,8 +11,9 @@ from advanced_alchemy.extensions.litestar import (
     SQLAlchemyAsyncConfig,
 )
 from sqlalchemy import JSON, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from app.settings import Settings
 
@@ -28,7 +29,8 @@ def alchemy_config(settings: Settings) -> SQLAlchemyAsyncConfig:
     engine = (
         EngineConfig(connect_args={"timeout": 30})
         if is_sqlite
-        else EngineConfig(pool_size=settings.db_pool_size, max_overflow=settings.db_pool_size, pool_pre_ping=False)
+        # a steady pool sized for the expected concurrency: overflow connections churn and starve waiters
+        else EngineConfig(pool_size=settings.db_pool_size, max_overflow=settings.db_pool_size // 4, pool_timeout=10)
     )
     config = SQLAlchemyAsyncConfig(
         connection_string=url,
@@ -51,3 +53,15 @@ def tune_sqlite(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA busy_timeout=10000")  # a second writer waits instead of failing
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
+
+
+async def insert_ignoring_duplicates(session: AsyncSession, model: Any, rows: list[dict[str, Any]]) -> int:
+    """Bulk INSERT that skips rows clashing with a unique key (another instance got there first)."""
+    if not rows:
+        return 0
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    total = 0
+    for i in range(0, len(rows), 1000):  # bound the statement size
+        result = await session.execute(insert(model).values(rows[i:i + 1000]).on_conflict_do_nothing())
+        total += max(result.rowcount or 0, 0)  # type: ignore[attr-defined]
+    return total

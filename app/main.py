@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,6 +16,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from app.accounts.controllers import (
     AuthController,
@@ -34,7 +36,7 @@ from app.limits import InProcessLimiter, RedisLimiter
 from app.notifications.sms import sms_sender
 from app.observability import configure_logging, request_id_middleware
 from app.scheduling.controllers import CatalogueController
-from app.scheduling.service import FeedCache
+from app.scheduling.service import FeedCache, SchedulingService
 from app.settings import Settings, settings_from_env
 
 log = logging.getLogger("app")
@@ -44,6 +46,20 @@ SERVICE_PATHS = ["^/health", "^/metrics", "^/schema"]
 class MetricsController(PrometheusController):
     path = "/metrics"
     include_in_schema = False
+
+
+async def keep_slot_horizons(engine: AsyncEngine, settings: Settings) -> None:
+    """As days pass, extend every schedule's slots to its horizon (at start, then periodically)."""
+    sessions = async_sessionmaker(engine, expire_on_commit=False)
+    while True:
+        try:
+            async with sessions() as session:
+                created = await SchedulingService(session, settings).extend_horizons()
+            if created:
+                log.info("slot horizons extended", extra={"slots_created": created})
+        except Exception:  # a passing database hiccup must not end the loop
+            log.exception("extending slot horizons failed")
+        await asyncio.sleep(settings.slot_refresh_seconds)
 
 
 def create_app(settings: Settings) -> Litestar:
@@ -66,9 +82,11 @@ def create_app(settings: Settings) -> Litestar:
                 await store.ensure_bucket()
             except STORE_ERRORS:  # readiness reports it; the service still starts
                 log.warning("object storage unreachable at start")
+        horizons = asyncio.create_task(keep_slot_horizons(alchemy.get_engine(), settings))
         try:
             yield
         finally:
+            horizons.cancel()
             await sms.aclose()
             if redis is not None:
                 await redis.aclose()

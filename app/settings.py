@@ -54,12 +54,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     sms_http_retries: int = 3
 
     hold_seconds: int = 300  # how long a clicked slot stays held for the one who clicked it
+    slot_refresh_seconds: float = 3600.0  # how often schedules' slots are extended to their horizon
     slot_feed_cache_seconds: float = 5.0  # the partner feed may be this stale; polling within it costs nothing
 
     log_level: str = "INFO"
     log_requests: bool = True
     demo_data: bool = False  # load the demo clinic on first start (make run sets it)
-    db_pool_size: int = 10
+    db_pool_size: int = 40  # PostgreSQL connections kept per process (a quarter more may open at peaks)
 
     @property
     def resolved_database_url(self) -> str:

@@ -21,7 +21,7 @@ url = config.get_main_option("sqlalchemy.url") or settings_from_env().resolved_d
 
 def run(connection: Connection) -> None:
     context.configure(connection=connection, target_metadata=metadata, render_as_batch=True,
-                      compare_type=True)
+                      compare_type=False)  # SQLite reflects GUID as NUMERIC: type diffs are noise
     with context.begin_transaction():
         context.run_migrations()
 

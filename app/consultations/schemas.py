@@ -13,7 +13,7 @@ from msgspec import Meta
 
 from app.schemas import Out, Wire
 
-Icd10 = Annotated[str, Meta(min_length=3, max_length=8, examples=["E11.9"])]
+Icd10 = Annotated[str, Meta(min_length=1, max_length=16, examples=["E11.9"])]  # the format: the service
 Text = Annotated[str, Meta(max_length=20_000)]
 
 

@@ -201,6 +201,9 @@ class ConsultationService:
         if known is not None:  # the same payment reported again: answer as before
             if known.consultation_id != visit.id:
                 raise Conflict("this payment reference belongs to another consultation", "payment_reference_used")
+            if (known.amount, known.method) != (data.amount, data.method):
+                raise Conflict("this payment reference was recorded with another amount or method",
+                               "payment_reference_used")
             return visit
         if visit.status in (Status.CANCELLED, Status.NO_SHOW):
             raise Conflict(f"a {visit.status} consultation takes no payment", "transition_not_allowed")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import hashlib
 import time
@@ -18,6 +19,7 @@ from uuid_utils.compat import uuid7
 from app import outbox
 from app.access import Viewer
 from app.accounts.models import User
+from app.db import insert_ignoring_duplicates
 from app.errors import Conflict, Invalid, NotVisible
 from app.scheduling.calendar import slot_times, valid_hours
 from app.scheduling.models import ClinicService, Schedule, Slot, WaitlistRequest
@@ -95,6 +97,7 @@ class SchedulingService:
         breaks = [msgspec.to_builtins(b) for b in data.breaks]
         if not valid_hours(weekly) or not valid_hours(breaks):
             raise Invalid("each interval must start before it ends", "hours_invalid")
+        _zone(data.timezone)
         schedule = await self.schedule_of(specialist.id)
         if schedule is None:
             schedule = Schedule(specialist_id=specialist.id)
@@ -102,27 +105,51 @@ class SchedulingService:
         schedule.timezone, schedule.slot_minutes, schedule.horizon_days = (data.timezone, data.slot_minutes,
                                                                            data.horizon_days)
         schedule.weekly, schedule.breaks = weekly, breaks
+        first_new, created, removed = await self._sync_slots(schedule, prune=True)
+        if first_new is not None:
+            await self.announce_free(specialist, first_new)
+        return schedule, created, removed
 
+    async def _sync_slots(self, schedule: Schedule, *, prune: bool) -> tuple[dt.datetime | None, int, int]:
+        """Create the schedule's missing slots up to its horizon; with prune, drop free ones it no longer has.
+
+        Returns the first new slot's start, how many were created and how many removed."""
         now = utcnow()
-        first_day = now.astimezone(_zone(data.timezone)).date()
-        wanted = {start: end for start, end in slot_times(data.timezone, weekly, breaks, data.slot_minutes,
-                                                           first_day, data.horizon_days + 1) if start > now}
-        existing = (await self.session.scalars(
-            select(Slot).where(Slot.specialist_id == specialist.id, Slot.ends_at > now))).all()
-        keep = [s for s in existing if s.consultation_id is not None or (s.held_until and s.held_until > now)
-                or wanted.get(s.starts_at) == s.ends_at]
-        drop = [s.id for s in existing if s not in keep]
-        if drop:
-            await self.session.execute(delete(Slot).where(Slot.id.in_(drop), is_free(now)))
-        kept_spans = sorted((s.starts_at, s.ends_at) for s in keep)
-        fresh = [Slot(id=uuid7(), specialist_id=specialist.id, starts_at=start, ends_at=end)
-                 for start, end in sorted(wanted.items())
-                 if not any(a < end and start < b for a, b in kept_spans)]  # never overlap a kept slot
-        self.session.add_all(fresh)
-        await self.session.flush()
-        if fresh:
-            await self.announce_free(specialist, fresh[0].starts_at)
-        return schedule, len(fresh), len(drop)
+        first_day = now.astimezone(_zone(schedule.timezone)).date()
+        wanted = {start: end for start, end in slot_times(schedule.timezone, schedule.weekly, schedule.breaks,
+                                                           schedule.slot_minutes, first_day, schedule.horizon_days + 1)
+                  if start > now}
+        existing = (await self.session.execute(
+            select(Slot.id, Slot.starts_at, Slot.ends_at, Slot.consultation_id, Slot.held_until)
+            .where(Slot.specialist_id == schedule.specialist_id, Slot.ends_at > now))).all()
+        if prune:
+            keep = [s for s in existing if s.consultation_id is not None or (s.held_until and s.held_until > now)
+                    or wanted.get(s.starts_at) == s.ends_at]
+            drop = [s.id for s in existing if s.id not in {k.id for k in keep}]
+            if drop:  # a slot booked or held meanwhile survives: the delete re-checks it is free
+                await self.session.execute(delete(Slot).where(Slot.id.in_(drop), is_free(now)))
+        else:
+            keep, drop = list(existing), []
+        kept = sorted((s.starts_at, s.ends_at) for s in keep)
+        kept_starts = [a for a, _ in kept]
+        rows: list[dict[str, Any]] = []
+        for start, end in sorted(wanted.items()):
+            i = bisect.bisect_left(kept_starts, end)  # kept slots starting before this one ends ...
+            if i and kept[i - 1][1] > start:  # ... and the latest of them still running: overlap, skip
+                continue
+            rows.append({"id": uuid7(), "specialist_id": schedule.specialist_id, "starts_at": start, "ends_at": end,
+                         "created_at": now, "updated_at": now})
+        created = await insert_ignoring_duplicates(self.session, Slot, rows)
+        first_new: dt.datetime | None = rows[0]["starts_at"] if rows else None
+        return first_new, created, len(drop)
+
+    async def extend_horizons(self) -> int:
+        """Keep every schedule's slots reaching its horizon as days pass; safe to run on many instances."""
+        created = 0
+        for schedule in (await self.session.scalars(select(Schedule))).all():
+            created += (await self._sync_slots(schedule, prune=False))[1]
+            await self.session.commit()
+        return created
 
     async def free_slots(self, specialist_id: UUID, start: dt.datetime, end: dt.datetime) -> list[Slot]:
         now = utcnow()

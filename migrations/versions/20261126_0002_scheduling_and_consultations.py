@@ -214,89 +214,9 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_analysis_order_conclusion_id'), ['conclusion_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_analysis_order_patient_id'), ['patient_id'], unique=False)
 
-    with op.batch_alter_table('device', schema=None) as batch_op:
-        batch_op.alter_column('id',
-               existing_type=sa.NUMERIC(precision=16),
-               type_=GUID(length=16),
-               existing_nullable=False)
-        batch_op.alter_column('user_id',
-               existing_type=sa.NUMERIC(precision=16),
-               type_=GUID(length=16),
-               existing_nullable=False)
-
-    with op.batch_alter_table('otp_code', schema=None) as batch_op:
-        batch_op.alter_column('id',
-               existing_type=sa.NUMERIC(precision=16),
-               type_=GUID(length=16),
-               existing_nullable=False)
-
-    with op.batch_alter_table('refresh_token', schema=None) as batch_op:
-        batch_op.alter_column('id',
-               existing_type=sa.NUMERIC(precision=16),
-               type_=GUID(length=16),
-               existing_nullable=False)
-        batch_op.alter_column('user_id',
-               existing_type=sa.NUMERIC(precision=16),
-               type_=GUID(length=16),
-               existing_nullable=False)
-        batch_op.alter_column('family_id',
-               existing_type=sa.NUMERIC(precision=16),
-               type_=GUID(length=16),
-               existing_nullable=False)
-
-    with op.batch_alter_table('user_account', schema=None) as batch_op:
-        batch_op.alter_column('id',
-               existing_type=sa.NUMERIC(precision=16),
-               type_=GUID(length=16),
-               existing_nullable=False)
-        batch_op.alter_column('guardian_id',
-               existing_type=sa.NUMERIC(precision=16),
-               type_=GUID(length=16),
-               existing_nullable=True)
-
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('user_account', schema=None) as batch_op:
-        batch_op.alter_column('guardian_id',
-               existing_type=GUID(length=16),
-               type_=sa.NUMERIC(precision=16),
-               existing_nullable=True)
-        batch_op.alter_column('id',
-               existing_type=GUID(length=16),
-               type_=sa.NUMERIC(precision=16),
-               existing_nullable=False)
-
-    with op.batch_alter_table('refresh_token', schema=None) as batch_op:
-        batch_op.alter_column('family_id',
-               existing_type=GUID(length=16),
-               type_=sa.NUMERIC(precision=16),
-               existing_nullable=False)
-        batch_op.alter_column('user_id',
-               existing_type=GUID(length=16),
-               type_=sa.NUMERIC(precision=16),
-               existing_nullable=False)
-        batch_op.alter_column('id',
-               existing_type=GUID(length=16),
-               type_=sa.NUMERIC(precision=16),
-               existing_nullable=False)
-
-    with op.batch_alter_table('otp_code', schema=None) as batch_op:
-        batch_op.alter_column('id',
-               existing_type=GUID(length=16),
-               type_=sa.NUMERIC(precision=16),
-               existing_nullable=False)
-
-    with op.batch_alter_table('device', schema=None) as batch_op:
-        batch_op.alter_column('user_id',
-               existing_type=GUID(length=16),
-               type_=sa.NUMERIC(precision=16),
-               existing_nullable=False)
-        batch_op.alter_column('id',
-               existing_type=GUID(length=16),
-               type_=sa.NUMERIC(precision=16),
-               existing_nullable=False)
-
     with op.batch_alter_table('analysis_order', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_analysis_order_patient_id'))
         batch_op.drop_index(batch_op.f('ix_analysis_order_conclusion_id'))

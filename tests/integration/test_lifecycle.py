@@ -396,6 +396,9 @@ async def test_payment_is_idempotent_by_reference(
     assert second.status_code == 200, second.text
     assert second.json() == first.json()
     assert await payments(session_maker, visit) == [(reference, "3000.00", "card")]
+    changed = await act(client, patient, visit, "pay", amount="1.00", method="card", reference=reference)
+    refused(changed, 409, "payment_reference_used")  # a replay must be the same payment, not a new amount
+    assert await payments(session_maker, visit) == [(reference, "3000.00", "card")]
     assert [e["change"] for e in await updates(session_maker, visit)] == ["booked", "confirm", "paid"]
 
     other = await confirmed(client, book, registrar, patient, doctor, svc, nth=1)

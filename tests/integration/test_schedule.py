@@ -7,10 +7,12 @@ from collections.abc import Callable
 from typing import Any
 
 from litestar.testing import AsyncTestClient
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.outbox import OutboxEvent
+from app.scheduling.models import Slot
+from app.scheduling.service import SchedulingService
 from tests.conftest import Session
 from tests.integration.conftest import ALL_WEEK, free_slots
 
@@ -216,3 +218,25 @@ async def test_waitlist_for_someone_elses_dependent_is_404(
     answer = await client.post("/api/v1/waitlist", headers=patient.headers,
                                json={"specialty": "pediatrics", "patient_id": child["id"]})
     assert answer.status_code == 404
+
+
+async def test_slots_keep_reaching_the_horizon_as_days_pass(
+    client: AsyncTestClient[Any], specialist: Callable[..., Any], patient: Session,
+    session_maker: async_sessionmaker[AsyncSession], test_settings: Any,
+) -> None:
+    doctor = await specialist(days=2)
+    before = await free_slots(client, patient, doctor.id, tz="UTC")
+    async with session_maker() as session:  # the last day's slots are missing, as if that day had just come
+        last_day = before[-1]["starts_at"][:10]
+        await session.execute(delete(Slot).where(Slot.specialist_id == doctor.id,
+                                                 Slot.starts_at >= dt.datetime.fromisoformat(last_day + "T00:00:00Z")))
+        await session.commit()
+    assert len(await free_slots(client, patient, doctor.id, tz="UTC")) < len(before)
+    async with session_maker() as session:
+        created = await SchedulingService(session, test_settings).extend_horizons()
+        again = await SchedulingService(session, test_settings).extend_horizons()
+    assert created > 0
+    assert again == 0  # idempotent: many instances may run it
+    assert [s["id"] for s in await free_slots(client, patient, doctor.id, tz="UTC")][:len(before) - created] == \
+        [s["id"] for s in before][:len(before) - created]
+    assert len(await free_slots(client, patient, doctor.id, tz="UTC")) == len(before)
