@@ -7,7 +7,7 @@ viewer see"; every way out of the system (REST, events, exports) builds patient 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -54,7 +54,8 @@ class Viewer:
         return not self.roles.isdisjoint(roles)
 
 
-Guard = Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], None]
+# Guards are coroutines: Litestar would run a plain function in a worker thread on every request.
+Guard = Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], Awaitable[None]]
 
 
 def _viewer(connection: ASGIConnection[Any, Any, Any, Any]) -> Viewer:
@@ -67,7 +68,7 @@ def _viewer(connection: ASGIConnection[Any, Any, Any, Any]) -> Viewer:
 def require_roles(*roles: Role) -> Guard:
     allowed = frozenset(roles)
 
-    def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    async def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
         if _viewer(connection).roles.isdisjoint(allowed):
             raise PermissionDeniedException("not allowed for your role")
 
@@ -75,7 +76,7 @@ def require_roles(*roles: Role) -> Guard:
     return guard
 
 
-def signed_in(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+async def signed_in(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Any authenticated user; the service decides what of the data is theirs."""
     _viewer(connection)
 

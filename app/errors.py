@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any, ClassVar
 
-from advanced_alchemy.exceptions import DuplicateKeyError, NotFoundError, RepositoryError
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 log = logging.getLogger("app.errors")
 
@@ -61,9 +61,6 @@ class Unavailable(DomainError):
     status_code = 503
 
 
-REPOSITORY_STATUS: dict[type[Exception], int] = {NotFoundError: 404, DuplicateKeyError: 409}
-
-
 def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     headers: dict[str, str] = {}
     if isinstance(exc, DomainError):
@@ -77,9 +74,10 @@ def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[
         code, detail = exc.status_code, exc.detail
         extra = exc.extra if isinstance(exc.extra, dict) else {}
         headers = dict(exc.headers or {})
-    elif isinstance(exc, RepositoryError):
-        code = REPOSITORY_STATUS.get(type(exc), 500)
-        detail, extra = ("internal error" if code == 500 else str(exc.detail)), {}
+    elif isinstance(exc, IntegrityError):  # a race the service did not foresee: the row changed meanwhile
+        code, detail, extra = 409, "conflicting change, try again", {"reason": "conflict"}
+    elif isinstance(exc, OperationalError) and "locked" in str(exc.orig):  # SQLite: another writer held on
+        code, detail, extra, headers = 503, "busy, try again", {"reason": "busy"}, {"Retry-After": "1"}
     else:
         code, detail, extra = 500, "internal error", {}
     if code >= 500:

@@ -7,16 +7,13 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from advanced_alchemy.exceptions import RepositoryError
-from advanced_alchemy.extensions.litestar import SQLAlchemyPlugin
-from litestar import Litestar
+from litestar import Litestar, Response, get
+from litestar.di import Provide
 from litestar.exceptions import HTTPException
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
-from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from redis.asyncio import Redis
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from app.accounts.controllers import (
     AuthController,
@@ -28,13 +25,13 @@ from app.accounts.controllers import (
 from app.accounts.tokens import TokenIssuer
 from app.auth import TokenAuthMiddleware
 from app.consultations.controllers import CareController, ConsultationController
-from app.db import alchemy_config
+from app.db import Database, provide_db_session
 from app.documents.storage import STORE_ERRORS, S3Store, object_store
 from app.errors import DomainError, error_response
 from app.health import HealthController
 from app.limits import InProcessLimiter, RedisLimiter
 from app.notifications.sms import sms_sender
-from app.observability import configure_logging, request_id_middleware
+from app.observability import configure_logging, metrics_text, request_id_middleware
 from app.scheduling.controllers import CatalogueController
 from app.scheduling.service import FeedCache, SchedulingService
 from app.settings import Settings, settings_from_env
@@ -43,17 +40,16 @@ log = logging.getLogger("app")
 SERVICE_PATHS = ["^/health", "^/metrics", "^/schema"]
 
 
-class MetricsController(PrometheusController):
-    path = "/metrics"
-    include_in_schema = False
+@get("/metrics", include_in_schema=False, opt={"exclude_from_auth": True}, media_type="text/plain; version=0.0.4")
+async def metrics() -> Response[bytes]:
+    return Response(metrics_text(), media_type="text/plain; version=0.0.4")
 
 
-async def keep_slot_horizons(engine: AsyncEngine, settings: Settings) -> None:
+async def keep_slot_horizons(database: Database, settings: Settings) -> None:
     """As days pass, extend every schedule's slots to its horizon (at start, then periodically)."""
-    sessions = async_sessionmaker(engine, expire_on_commit=False)
     while True:
         try:
-            async with sessions() as session:
+            async with database.writer() as session:
                 created = await SchedulingService(session, settings).extend_horizons()
             if created:
                 log.info("slot horizons extended", extra={"slots_created": created})
@@ -64,7 +60,7 @@ async def keep_slot_horizons(engine: AsyncEngine, settings: Settings) -> None:
 
 def create_app(settings: Settings) -> Litestar:
     configure_logging(settings.log_level)
-    alchemy = alchemy_config(settings)
+    database = Database(settings)
     tokens = TokenIssuer(settings)  # fails fast on malformed JWT_KEYS
 
     @asynccontextmanager
@@ -73,7 +69,8 @@ def create_app(settings: Settings) -> Litestar:
         store = object_store(settings)
         sms = sms_sender(settings)
         app.state.update(
-            settings=settings, tokens=tokens, redis=redis, store=store, sms=sms, engine=alchemy.get_engine(),
+            settings=settings, tokens=tokens, redis=redis, store=store, sms=sms, database=database,
+            engine=database.engine,
             limiter=RedisLimiter(redis) if redis is not None else InProcessLimiter(),
             slot_feed_cache=FeedCache(settings.slot_feed_cache_seconds, {}),
         )
@@ -82,30 +79,28 @@ def create_app(settings: Settings) -> Litestar:
                 await store.ensure_bucket()
             except STORE_ERRORS:  # readiness reports it; the service still starts
                 log.warning("object storage unreachable at start")
-        horizons = asyncio.create_task(keep_slot_horizons(alchemy.get_engine(), settings))
+        horizons = asyncio.create_task(keep_slot_horizons(database, settings))
         try:
             yield
         finally:
             horizons.cancel()
             await sms.aclose()
+            await database.dispose()
             if redis is not None:
                 await redis.aclose()
 
-    metrics = PrometheusConfig(app_name="clinic", prefix="clinic", group_path=True,
-                               exclude=["^/metrics", "^/health"])
     return Litestar(
-        route_handlers=[HealthController, MetricsController, AuthController, MeController, StaffController,
+        route_handlers=[HealthController, metrics, AuthController, MeController, StaffController,
                         PatientController, DeviceController, CatalogueController, ConsultationController,
                         CareController],
-        plugins=[SQLAlchemyPlugin(config=alchemy)],
+        dependencies={"db_session": Provide(provide_db_session)},
         lifespan=[backing_services],
         middleware=[
             request_id_middleware(settings.log_requests),
-            metrics.middleware,
             DefineMiddleware(TokenAuthMiddleware, exclude=SERVICE_PATHS),
         ],
         exception_handlers={DomainError: error_response, HTTPException: error_response,
-                            RepositoryError: error_response, Exception: error_response},
+                            Exception: error_response},
         openapi_config=OpenAPIConfig(title="Clinic API", version="1", path="/schema",
                                      render_plugins=[ScalarRenderPlugin()]),
         logging_config=None,  # our JSON logging, configured above

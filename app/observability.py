@@ -1,4 +1,4 @@
-"""Structured JSON logs carrying a request id, and the ASGI middleware that assigns it."""
+"""Structured JSON logs carrying a request id, Prometheus metrics, and the middleware that feeds both."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import uuid
 from contextvars import ContextVar
 from typing import Any
 
+from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 _SANE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -45,10 +47,43 @@ def configure_logging(level: str) -> None:
         logging.getLogger(noisy).disabled = True
 
 
+REQUESTS = Counter("clinic_requests_total", "HTTP requests answered", ["method", "path", "status_code"])
+LATENCY = Histogram("clinic_request_duration_seconds", "Time to answer an HTTP request", ["method", "path"],
+                    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
+OPEN_WEBSOCKETS = Gauge("clinic_open_websockets", "WebSocket connections open on this process")
+
+
+class _Series:
+    """prometheus_client's label lookup is slow on a hot path: keep the children we have used."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str, int], Any] = {}
+        self.latencies: dict[tuple[str, str], Any] = {}
+
+    def observe(self, method: str, path: str, status: int, seconds: float) -> None:
+        count = self.counts.get((method, path, status))
+        if count is None:
+            count = self.counts[(method, path, status)] = REQUESTS.labels(method, path, str(status))
+        latency = self.latencies.get((method, path))
+        if latency is None:
+            latency = self.latencies[(method, path)] = LATENCY.labels(method, path)
+        count.inc()
+        latency.observe(seconds)
+
+
+SERIES = _Series()
+
+
+def metrics_text() -> bytes:
+    return generate_latest(REGISTRY)
+
+
 def request_id_middleware(log_requests: bool) -> Any:
+    """Per request: an id (kept from X-Request-ID when sane), metrics by route template, one access log line."""
+
     def factory(app: ASGIApp) -> ASGIApp:
         async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] not in ("http", "websocket"):
+            if scope["type"] != ScopeType.HTTP:
                 await app(scope, receive, send)
                 return
             given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
@@ -66,10 +101,13 @@ def request_id_middleware(log_requests: bool) -> Any:
             try:
                 await app(scope, receive, send_with_id)
             finally:
+                elapsed = time.perf_counter() - started
+                template = scope.get("path_template") or "unmatched"  # bounded label values
+                method = str(scope.get("method", ""))
+                SERIES.observe(method, template, status, elapsed)
                 if log_requests:
-                    access_log.info("request", extra={
-                        "method": scope.get("method", "WS"), "path": scope["path"], "status": status,
-                        "ms": round((time.perf_counter() - started) * 1000, 2)})
+                    access_log.info("request", extra={"method": method, "path": scope["path"],
+                                                      "status": status, "ms": round(elapsed * 1000, 2)})
                 request_id_var.reset(token)
 
         return middleware

@@ -15,7 +15,7 @@ from uuid import UUID, uuid4
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from msgspec import UNSET
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import bindparam, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -29,6 +29,10 @@ from app.errors import Conflict, Invalid, NotAuthenticated, NotVisible, TooMany
 from app.limits import RateLimiter
 from app.notifications.sms import SmsSender
 from app.settings import Settings
+
+# the account and its dependents in one round trip; built once, it is the hottest read of all
+ME_AND_DEPENDENTS = (select(User).where(or_(User.id == bindparam("uid"), User.guardian_id == bindparam("uid")))
+                     .order_by(User.id))
 
 
 def utcnow() -> dt.datetime:
@@ -171,9 +175,7 @@ class AccountService:
     # --- the caller's own account and dependents -----------------------------------------------
 
     async def me(self, viewer: Viewer) -> Me:
-        rows = (await self.session.scalars(  # the account and its dependents in one round trip
-            select(User).where(or_(User.id == viewer.id, User.guardian_id == viewer.id)).order_by(User.id)
-        )).all()
+        rows = (await self.session.scalars(ME_AND_DEPENDENTS, {"uid": viewer.id})).all()
         user = next((u for u in rows if u.id == viewer.id), None)
         if user is None:
             raise NotAuthenticated("account no longer exists", "account_missing")

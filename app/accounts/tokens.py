@@ -15,6 +15,7 @@ from app.settings import Settings
 
 ALGORITHM = "HS256"
 REQUIRED_CLAIMS = ["exp", "iat", "sub", "typ"]
+VERIFIED_CACHE = 20_000  # tokens whose signature was checked: clients reuse one for 15 minutes
 
 
 class TokenIssuer:
@@ -23,6 +24,7 @@ class TokenIssuer:
         self._signing_kid, self._signing_secret = keys[0]
         self._verifying = dict(keys)  # old keys keep verifying during a rotation overlap
         self.access_seconds = settings.access_token_seconds
+        self._verified: dict[str, tuple[Viewer, float]] = {}
 
     def issue_access(self, user_id: UUID, roles: list[str]) -> str:
         now = int(time.time())
@@ -31,6 +33,17 @@ class TokenIssuer:
         return jwt.encode(claims, self._signing_secret, algorithm=ALGORITHM, headers={"kid": self._signing_kid})
 
     def viewer_from(self, token: str) -> Viewer:
+        """The caller a token names; a token verified before is not verified again until it expires."""
+        known = self._verified.get(token)
+        if known is not None and known[1] > time.time():
+            return known[0]
+        viewer, expires = self._verify(token)
+        if len(self._verified) >= VERIFIED_CACHE:
+            self._verified.clear()  # crude but bounded; a busy process refills it within seconds
+        self._verified[token] = (viewer, expires)
+        return viewer
+
+    def _verify(self, token: str) -> tuple[Viewer, float]:
         try:
             kid = jwt.get_unverified_header(token).get("kid")
             secret = self._verifying.get(kid) if isinstance(kid, str) else None
@@ -44,7 +57,8 @@ class TokenIssuer:
         if claims["typ"] != "access":
             raise NotAuthenticated("not an access token", "token_invalid")
         try:
-            return Viewer(id=UUID(claims["sub"]), roles=frozenset(Role(r) for r in claims.get("roles", [])))
+            viewer = Viewer(id=UUID(claims["sub"]), roles=frozenset(Role(r) for r in claims.get("roles", [])))
+            return viewer, float(claims["exp"])
         except (ValueError, TypeError) as exc:
             raise NotAuthenticated("invalid access token", "token_invalid") from exc
 
