@@ -46,7 +46,8 @@ class Database:
 
 async def provide_db_session(state: State, request: Request[Any, Any, Any]) -> AsyncIterator[AsyncSession]:
     """One session per request, committed when the handler succeeds and before the answer is sent, so a
-    failed commit is an error answer, never a 2xx for a change that did not happen."""
+    failed commit is an error answer, never a 2xx for a change that did not happen. Realtime events the
+    change wrote to user streams are published once it has committed."""
     database: Database = state.database
     session = (database.reader if request.method in SAFE_METHODS else database.writer)()
     try:
@@ -57,6 +58,9 @@ async def provide_db_session(state: State, request: Request[Any, Any, Any]) -> A
         raise
     finally:
         await session.close()
+    staged = session.info.get("staged_events")
+    if staged is not None and staged.events:  # persisted first, published now
+        await state.bus.publish(staged.encode())
 
 
 def tune_sqlite(engine: AsyncEngine) -> None:

@@ -24,6 +24,9 @@ from app.accounts.controllers import (
 )
 from app.accounts.tokens import TokenIssuer
 from app.auth import TokenAuthMiddleware
+from app.chat.controllers import ChatController
+from app.chat.gateway import realtime
+from app.chat.hub import Bus, Hub, InProcessBus, InProcessPresence, RedisBus, RedisPresence
 from app.consultations.controllers import CareController, ConsultationController
 from app.db import Database, provide_db_session
 from app.documents.storage import STORE_ERRORS, S3Store, object_store
@@ -66,13 +69,18 @@ def create_app(settings: Settings) -> Litestar:
     @asynccontextmanager
     async def backing_services(app: Litestar) -> AsyncIterator[None]:
         redis = Redis.from_url(settings.redis_url) if settings.redis_url else None
+        presence_ttl = settings.ws_heartbeat_seconds * 2
         store = object_store(settings)
+        hub = Hub()
+        bus: Bus = RedisBus(redis) if redis is not None else InProcessBus()
         sms = sms_sender(settings)
         app.state.update(
             settings=settings, tokens=tokens, redis=redis, store=store, sms=sms, database=database,
             engine=database.engine,
             limiter=RedisLimiter(redis) if redis is not None else InProcessLimiter(),
             slot_feed_cache=FeedCache(settings.slot_feed_cache_seconds, {}),
+            hub=hub, bus=bus,
+            presence=RedisPresence(redis, presence_ttl) if redis is not None else InProcessPresence(presence_ttl),
         )
         if isinstance(store, S3Store):
             try:
@@ -80,10 +88,12 @@ def create_app(settings: Settings) -> Litestar:
             except STORE_ERRORS:  # readiness reports it; the service still starts
                 log.warning("object storage unreachable at start")
         horizons = asyncio.create_task(keep_slot_horizons(database, settings))
+        listener = asyncio.create_task(bus.run(hub.deliver))
         try:
             yield
         finally:
             horizons.cancel()
+            listener.cancel()
             await sms.aclose()
             await database.dispose()
             if redis is not None:
@@ -92,7 +102,7 @@ def create_app(settings: Settings) -> Litestar:
     return Litestar(
         route_handlers=[HealthController, metrics, AuthController, MeController, StaffController,
                         PatientController, DeviceController, CatalogueController, ConsultationController,
-                        CareController],
+                        CareController, ChatController, realtime],
         dependencies={"db_session": Provide(provide_db_session)},
         lifespan=[backing_services],
         middleware=[

@@ -57,6 +57,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     slot_refresh_seconds: float = 3600.0  # how often schedules' slots are extended to their horizon
     slot_feed_cache_seconds: float = 5.0  # the partner feed may be this stale; polling within it costs nothing
 
+    chat_sends_per_minute: int = 120  # per user, across their devices
+    chat_max_extension_days: int = 90  # how far ahead a specialist may extend a chat
+    ws_heartbeat_seconds: float = 30.0  # a socket silent for longer is closed; clients ping within it
+    ws_queue_limit: int = 1000  # events waiting for one slow socket before it is let go
+
     log_level: str = "INFO"
     log_requests: bool = True
     demo_data: bool = False  # load the demo clinic on first start (make run sets it)

@@ -9,6 +9,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import app.accounts.models
+import app.chat.models
 import app.consultations.models
 import app.outbox
 import app.scheduling.models  # noqa: F401

@@ -234,6 +234,14 @@ class AccountService:
         zone = await self.session.scalar(select(User.timezone).where(User.id == user_id))
         return zone or self.settings.clinic_timezone
 
+    async def names(self, user_ids: list[UUID]) -> dict[UUID, str]:
+        """Staff names by id (specialists are named openly to their patients)."""
+        if not user_ids:
+            return {}
+        rows = await self.session.execute(select(User.id, User.full_name).where(User.id.in_(set(user_ids)),
+                                                                                User.is_staff.is_(True)))
+        return {r.id: r.full_name for r in rows}
+
     async def timezones(self, user_ids: list[UUID]) -> dict[UUID, str]:
         if not user_ids:
             return {}

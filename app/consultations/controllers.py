@@ -16,6 +16,8 @@ from app import timeparams
 from app.access import ADMINS, BOOKERS_FOR_OTHERS, PATIENTS, SPECIALIST_ROLES, Viewer, require_roles, signed_in
 from app.accounts.controllers import parse_cursor
 from app.accounts.service import AccountService
+from app.chat.schemas import ConversationOut, ExtendIn
+from app.chat.service import ChatService
 from app.consultations.models import AnalysisOrder, Conclusion, Consultation, Rating
 from app.consultations.schemas import (
     AnalysisOrderOut,
@@ -43,7 +45,9 @@ BRIEF_FIELDS = ("id", "full_name", "initials", "age", "is_dependent")
 
 async def provide_consultations(db_session: NamedDependency[AsyncSession], state: State) -> ConsultationService:
     accounts = AccountService(db_session, state.settings, state.tokens, state.limiter, state.sms)
-    return ConsultationService(db_session, state.settings, accounts, SchedulingService(db_session, state.settings))
+    chat = ChatService(db_session, state.settings, accounts, state.limiter, state.presence)
+    return ConsultationService(db_session, state.settings, accounts, SchedulingService(db_session, state.settings),
+                               chat)
 
 
 def brief(card: dict[str, Any] | None) -> PatientBrief | None:
@@ -178,6 +182,14 @@ class ConsultationController(Controller):
                               consultations: NamedDependency[ConsultationService],
                               consultation_id: FromPath[UUID]) -> ConclusionOut:
         return conclusion_out(*await consultations.read_conclusion(request.user, consultation_id))
+
+    @post("/{consultation_id:uuid}/chat/extend", status_code=200, guards=[require_roles(*SPECIALIST_ROLES)])
+    async def extend_chat(self, request: Request[Viewer, Any, Any], consultations: NamedDependency[ConsultationService],
+                          consultation_id: FromPath[UUID], data: JSONBody[ExtendIn]) -> ConversationOut:
+        conversation_id, window = await consultations.extend_chat(request.user, consultation_id, data.until)
+        visit, _ = await consultations.visible(request.user, consultation_id)
+        return ConversationOut(id=conversation_id, patient_id=visit.patient_id, specialist_id=visit.specialist_id,
+                               writable=window.writable, writable_until=window.until)
 
     @post("/{consultation_id:uuid}/rating", status_code=201, guards=[require_roles(*PATIENTS)])
     async def rate_consultation(self, request: Request[Viewer, Any, Any],

@@ -61,5 +61,6 @@ TRANSITIONS: dict[str, Transition] = {
                           _after_start),
 }
 
-# the chat window is open while a consultation is in one of these (the chat feature acts on it)
+# entering one of these opens the consultation's chat window; entering an ending state closes it
 OPEN_FOR_CHAT = frozenset({S.CONFIRMED, S.IN_PROGRESS})
+ENDED = frozenset({S.COMPLETED, S.CANCELLED, S.NO_SHOW})

@@ -17,7 +17,8 @@ from uuid_utils.compat import uuid7
 from app import access, outbox
 from app.access import Role, Viewer
 from app.accounts.service import AccountService
-from app.consultations.lifecycle import TRANSITIONS, Party
+from app.chat.service import ChatService, Window
+from app.consultations.lifecycle import ENDED, OPEN_FOR_CHAT, TRANSITIONS, Party
 from app.consultations.models import AnalysisOrder, Conclusion, Consultation, Payment, Rating
 from app.consultations.schemas import AnalysisStatus, BookIn, ConclusionIn, Format, PayIn, RatingIn, Status
 from app.errors import Conflict, Forbidden, Invalid, NotVisible
@@ -57,11 +58,12 @@ class Page:
 
 class ConsultationService:
     def __init__(self, session: AsyncSession, settings: Settings, accounts: AccountService,
-                 scheduling: SchedulingService) -> None:
+                 scheduling: SchedulingService, chat: ChatService) -> None:
         self.session = session
         self.settings = settings
         self.accounts = accounts
         self.scheduling = scheduling
+        self.chat = chat
 
     # --- booking -------------------------------------------------------------------------------
 
@@ -89,16 +91,20 @@ class ConsultationService:
         status = Status.PENDING_CONFIRMATION if first_time and not front_desk else Status.CONFIRMED
         consultation_id = uuid7()
         await self.scheduling.claim(slot.id, consultation_id, viewer, data.hold_id)  # 409 for every loser
+        conversation = await self.chat.conversation_for(patient_id, specialist.id)
         visit = Consultation(
             id=consultation_id, patient_id=patient_id, specialist_id=specialist.id, service_id=service.id,
             slot_id=slot.id, specialty=service.specialty, starts_at=slot.starts_at, ends_at=slot.ends_at,
-            format=data.format.value, status=status.value, paid=False, booked_by=viewer.id)
+            format=data.format.value, status=status.value, paid=False, booked_by=viewer.id,
+            conversation_id=conversation.id)
         self.session.add(visit)
         try:
             async with self.session.begin_nested():
                 await self.session.flush()
         except IntegrityError as exc:  # the partial unique index, should the slot row ever disagree
             raise Conflict("the slot is already taken", "slot_taken") from exc
+        if status is Status.CONFIRMED:
+            await self.chat.open_window(conversation.id, visit.id, visit.ends_at)
         self._announce(visit, "booked")
         return visit
 
@@ -185,6 +191,10 @@ class ConsultationService:
         if changed.one_or_none() is None:
             raise Conflict("the consultation changed meanwhile", "transition_not_allowed")
         await self.session.refresh(visit)
+        if rule.target in OPEN_FOR_CHAT and visit.conversation_id is not None:
+            await self.chat.open_window(visit.conversation_id, visit.id, visit.ends_at)
+        elif rule.target in ENDED:
+            await self.chat.close_window(visit.id)
         if rule.target is Status.CANCELLED:
             await self.scheduling.release(visit.slot_id, visit.id)
             await self.scheduling.announce_free(await self.accounts.specialist(visit.specialist_id), visit.starts_at)
@@ -222,6 +232,17 @@ class ConsultationService:
         outbox.stage(self.session, "consultation.updated", visit.id,
                      [str(visit.patient_id), str(visit.specialist_id)],
                      {"consultation_id": str(visit.id), "status": visit.status, "change": change})
+
+    async def extend_chat(self, viewer: Viewer, consultation_id: UUID, until: dt.datetime) -> tuple[UUID, Window]:
+        visit, party = await self.visible(viewer, consultation_id)
+        if not party.is_specialist or visit.conversation_id is None:
+            raise Forbidden("only the consultation's specialist extends its chat", "not_allowed")
+        return visit.conversation_id, await self.chat.extend(visit.conversation_id, until)
+
+    async def active_for_specialist(self, viewer: Viewer) -> list[Consultation]:
+        return list((await self.session.scalars(
+            select(Consultation).where(Consultation.specialist_id == viewer.id, Consultation.status.in_(LIVE))
+            .order_by(Consultation.starts_at).limit(1000))).all())
 
     # --- conclusions ---------------------------------------------------------------------------
 

@@ -1,0 +1,94 @@
+"""Thin HTTP handlers for chat lists, history, sending and read marks."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+from uuid import UUID
+
+from litestar import Controller, Request, Response, get, post
+from litestar.datastructures import State
+from litestar.di import NamedDependency, Provide
+from litestar.params import FromPath, FromQuery, JSONBody, Parameter
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import access
+from app.access import Viewer, signed_in
+from app.accounts.service import AccountService
+from app.chat.models import Message
+from app.chat.schemas import ChatRowOut, LastMessage, MessageIn, MessageOut, ReadIn
+from app.chat.service import ChatService, Row
+from app.consultations.controllers import provide_consultations
+from app.consultations.service import ConsultationService
+from app.schemas import Page
+
+Limit = Annotated[int, Parameter(ge=1, le=200)]
+
+
+async def provide_chat(db_session: NamedDependency[AsyncSession], state: State) -> ChatService:
+    accounts = AccountService(db_session, state.settings, state.tokens, state.limiter, state.sms)
+    return ChatService(db_session, state.settings, accounts, state.limiter, state.presence)
+
+
+def message_out(m: Message) -> MessageOut:
+    return MessageOut(id=m.id, conversation_id=m.conversation_id, author_id=m.author_id, kind=m.kind, text=m.text,
+                      document_ids=list(m.document_ids), client_id=m.client_id, created_at=m.created_at)
+
+
+def last_out(m: Message | None) -> LastMessage | None:
+    return None if m is None else LastMessage(id=m.id, author_id=m.author_id, kind=m.kind, text=m.text,
+                                              created_at=m.created_at)
+
+
+def row_out(row: Row, viewer: Viewer, name: str | None, **extra: Any) -> ChatRowOut:
+    c = row.conversation
+    return ChatRowOut(conversation_id=c.id, patient_id=c.patient_id, specialist_id=c.specialist_id,
+                      counterpart_name=name, is_dependent=c.patient_id != viewer.id and not access.is_clinician(viewer),
+                      writable=row.window.writable, writable_until=row.window.until, unread=row.unread,
+                      last_message=last_out(row.last), **extra)
+
+
+class ChatController(Controller):
+    path = "/api/v1/chats"
+    tags = ["chat"]
+    dependencies = {"chat": Provide(provide_chat), "consultations": Provide(provide_consultations)}
+
+    @get("/", guards=[signed_in])
+    async def list_chats(self, request: Request[Viewer, Any, Any], chat: NamedDependency[ChatService],
+                         consultations: NamedDependency[ConsultationService]) -> Page[ChatRowOut]:
+        viewer = request.user
+        if access.is_clinician(viewer):  # a row per active consultation; one patient's rows share a history
+            visits = [v for v in await consultations.active_for_specialist(viewer) if v.conversation_id]
+            rows = await chat.rows(viewer, await chat.conversations([v.conversation_id for v in visits
+                                                                      if v.conversation_id]))
+            cards = await chat.accounts.briefs(viewer, [v.patient_id for v in visits])
+            online = await chat.presence.online(sorted({v.patient_id for v in visits}))
+            return Page(items=[
+                row_out(rows[v.conversation_id], viewer,
+                        (cards.get(v.patient_id) or {}).get("full_name") or (cards.get(v.patient_id) or {}).get(
+                            "initials"),
+                        consultation_id=v.id, specialty=v.specialty, online=v.patient_id in online)
+                for v in visits if v.conversation_id in rows])
+        rows = await chat.rows(viewer, await chat.patient_conversations(viewer))
+        names = await chat.accounts.names([r.conversation.specialist_id for r in rows.values()])
+        ordered = sorted(rows.values(), key=lambda r: r.last.id if r.last else r.conversation.id, reverse=True)
+        return Page(items=[row_out(r, viewer, names.get(r.conversation.specialist_id)) for r in ordered])
+
+    @get("/{conversation_id:uuid}/messages", guards=[signed_in])
+    async def list_messages(self, request: Request[Viewer, Any, Any], chat: NamedDependency[ChatService],
+                            conversation_id: FromPath[UUID], before: FromQuery[UUID | None] = None,
+                            after: FromQuery[UUID | None] = None, limit: FromQuery[Limit] = 50) -> Page[MessageOut]:
+        rows = await chat.history(request.user, conversation_id, before, after, limit)
+        return Page(items=[message_out(m) for m in rows],
+                    next_cursor=str(rows[0].id) if len(rows) == limit and after is None else
+                    (str(rows[-1].id) if len(rows) == limit else None))
+
+    @post("/{conversation_id:uuid}/messages", guards=[signed_in])
+    async def send_message(self, request: Request[Viewer, Any, Any], chat: NamedDependency[ChatService],
+                           conversation_id: FromPath[UUID], data: JSONBody[MessageIn]) -> Response[MessageOut]:
+        message, created = await chat.send(request.user, conversation_id, data)
+        return Response(message_out(message), status_code=201 if created else 200)
+
+    @post("/{conversation_id:uuid}/read", status_code=204, guards=[signed_in])
+    async def mark_read(self, request: Request[Viewer, Any, Any], chat: NamedDependency[ChatService],
+                        conversation_id: FromPath[UUID], data: JSONBody[ReadIn]) -> None:
+        await chat.mark_read(request.user, conversation_id, data.up_to_message_id)

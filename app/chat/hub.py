@@ -1,0 +1,167 @@
+"""Who is connected to this process, who is online anywhere, and the bus that carries events between processes.
+
+Persist first, then publish: the bus carries only events already committed to their streams, so a lost
+publish (Redis pub/sub drops what nobody hears) is healed from the database, never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+from uuid import UUID, uuid4
+
+from redis.asyncio import Redis
+
+from app.chat.streams import decode
+
+log = logging.getLogger("app.realtime")
+CHANNEL = "clinic:events"
+
+
+class Connection:
+    """One client socket: a bounded queue of events for it and the last stream position it was sent."""
+
+    def __init__(self, user_id: UUID, limit: int) -> None:
+        self.id = uuid4().hex
+        self.user_id = user_id
+        self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=limit)  # events, raw frames, resumes
+        self.last_seq = 0
+        self.overflowed = asyncio.Event()
+
+    def offer(self, item: Any) -> None:
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:  # a client that does not read is let go, not buffered without bound
+            self.overflowed.set()
+
+
+class Hub:
+    def __init__(self) -> None:
+        self.connections: dict[UUID, set[Connection]] = {}
+
+    def add(self, connection: Connection) -> None:
+        self.connections.setdefault(connection.user_id, set()).add(connection)
+
+    def remove(self, connection: Connection) -> None:
+        mine = self.connections.get(connection.user_id)
+        if mine is not None:
+            mine.discard(connection)
+            if not mine:
+                del self.connections[connection.user_id]
+
+    def deliver(self, raw: bytes) -> None:
+        for event in decode(raw):
+            for connection in self.connections.get(event.recipient_id, ()):
+                connection.offer(event)
+
+    @property
+    def count(self) -> int:
+        return sum(len(c) for c in self.connections.values())
+
+
+class Bus(Protocol):
+    async def publish(self, raw: bytes) -> None: ...
+
+    async def run(self, deliver: Callable[[bytes], None]) -> None: ...
+
+
+class InProcessBus:
+    """The embedded profile's bus: one process, so publishing is delivering."""
+
+    def __init__(self) -> None:
+        self._deliver: Callable[[bytes], None] | None = None
+
+    async def publish(self, raw: bytes) -> None:
+        if self._deliver is not None:
+            self._deliver(raw)
+
+    async def run(self, deliver: Callable[[bytes], None]) -> None:
+        self._deliver = deliver
+        await asyncio.Event().wait()  # nothing to listen to; lives as long as the app
+
+
+class RedisBus:
+    """Every process hears every event batch and keeps those for its own sockets."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+
+    async def publish(self, raw: bytes) -> None:
+        try:
+            await self.redis.publish(CHANNEL, raw)
+        except Exception:  # the events are committed; sockets heal the gap from the database
+            log.warning("publish failed", exc_info=True)
+
+    async def run(self, deliver: Callable[[bytes], None]) -> None:
+        while True:
+            try:
+                async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(CHANNEL)
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            deliver(message["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("event subscription lost; reconnecting", exc_info=True)
+                await asyncio.sleep(0.5)
+
+
+class Presence(Protocol):
+    async def touch(self, user_id: UUID, connection_id: str) -> None: ...
+
+    async def leave(self, user_id: UUID, connection_id: str) -> None: ...
+
+    async def online(self, user_ids: list[UUID]) -> set[UUID]: ...
+
+
+class InProcessPresence:
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._seen: dict[UUID, dict[str, float]] = {}
+
+    async def touch(self, user_id: UUID, connection_id: str) -> None:
+        self._seen.setdefault(user_id, {})[connection_id] = time.monotonic() + self.ttl
+
+    async def leave(self, user_id: UUID, connection_id: str) -> None:
+        mine = self._seen.get(user_id, {})
+        mine.pop(connection_id, None)
+        if not mine:
+            self._seen.pop(user_id, None)
+
+    async def online(self, user_ids: list[UUID]) -> set[UUID]:
+        now = time.monotonic()
+        return {u for u in user_ids if any(t > now for t in self._seen.get(u, {}).values())}
+
+
+class RedisPresence:
+    """A sorted set per user: member = socket, score = when it stops counting unless a heartbeat renews it."""
+
+    def __init__(self, redis: Redis, ttl: float) -> None:
+        self.redis = redis
+        self.ttl = ttl
+
+    async def touch(self, user_id: UUID, connection_id: str) -> None:
+        key = f"presence:{user_id}"
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(key, {connection_id: time.time() + self.ttl})
+            pipe.expire(key, int(self.ttl) + 1)
+            await pipe.execute()
+
+    async def leave(self, user_id: UUID, connection_id: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.redis.zrem(f"presence:{user_id}", connection_id)
+
+    async def online(self, user_ids: list[UUID]) -> set[UUID]:
+        if not user_ids:
+            return set()
+        now = time.time()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for user_id in user_ids:
+                pipe.zcount(f"presence:{user_id}", now, "+inf")
+            counts = await pipe.execute()
+        return {u for u, n in zip(user_ids, counts, strict=True) if n}

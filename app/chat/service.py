@@ -1,0 +1,279 @@
+"""Chat rules: conversations and their writing windows, sending, history, read marks, the chat lists.
+
+Every change appends its realtime events to the recipients' streams in the same transaction; the request's
+session publishes them once committed (app/db.py). No HTTP here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+from uuid_utils.compat import uuid7
+
+from app import outbox
+from app.access import Viewer
+from app.accounts.service import AccountService
+from app.chat import streams
+from app.chat.hub import Presence
+from app.chat.models import ChatWindow, Conversation, Message, ReadMark
+from app.chat.schemas import MessageIn
+from app.db import insert_ignoring_duplicates
+from app.errors import Conflict, Invalid, NotVisible, TooMany
+from app.limits import RateLimiter
+from app.settings import Settings
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def message_data(m: Message) -> dict[str, Any]:
+    """The message as REST answers it and as message.new carries it."""
+    return {"id": str(m.id), "conversation_id": str(m.conversation_id),
+            "author_id": str(m.author_id) if m.author_id else None, "kind": m.kind, "text": m.text,
+            "document_ids": list(m.document_ids), "client_id": m.client_id, "created_at": m.created_at.isoformat()}
+
+
+@dataclass(frozen=True, slots=True)
+class Party:
+    conversation: Conversation
+    patient_login: UUID | None  # the patient, or None for a dependent (who has no login)
+    guardian_id: UUID | None
+
+    @property
+    def people(self) -> set[UUID]:
+        """Everyone whose apps show this conversation."""
+        found = {self.conversation.specialist_id}
+        found |= {p for p in (self.patient_login, self.guardian_id) if p is not None}
+        return found
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    writable: bool
+    until: dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    conversation: Conversation
+    window: Window
+    unread: int
+    last: Message | None
+
+
+class ChatService:
+    def __init__(self, session: AsyncSession, settings: Settings, accounts: AccountService,
+                 limiter: RateLimiter, presence: Presence) -> None:
+        self.session = session
+        self.settings = settings
+        self.accounts = accounts
+        self.limiter = limiter
+        self.presence = presence
+
+    @property
+    def staged(self) -> streams.Staged:
+        return streams.staged_for(self.session)
+
+    # --- conversations and their windows (called by the consultation service) ------------------
+
+    async def conversation_for(self, patient_id: UUID, specialist_id: UUID) -> Conversation:
+        pair = (Conversation.patient_id == patient_id, Conversation.specialist_id == specialist_id)
+        found = await self.session.scalar(select(Conversation).where(*pair))
+        if found is None:  # two first bookings at once: one insert wins, both read it
+            now = utcnow()
+            await insert_ignoring_duplicates(self.session, Conversation, [{
+                "id": uuid7(), "patient_id": patient_id, "specialist_id": specialist_id,
+                "created_at": now, "updated_at": now}])
+            found = await self.session.scalar(select(Conversation).where(*pair))
+        assert found is not None
+        return found
+
+    async def open_window(self, conversation_id: UUID, consultation_id: UUID, ends_at: dt.datetime) -> None:
+        now = utcnow()
+        opened = await insert_ignoring_duplicates(self.session, ChatWindow, [{
+            "id": uuid7(), "conversation_id": conversation_id, "consultation_id": consultation_id,
+            "ends_at": ends_at, "created_at": now, "updated_at": now}])
+        if opened:
+            await self._announce_window(conversation_id, "conversation.opened")
+
+    async def close_window(self, consultation_id: UUID) -> None:
+        gone = await self.session.execute(delete(ChatWindow).where(ChatWindow.consultation_id == consultation_id)
+                                          .returning(ChatWindow.conversation_id))
+        conversation_id = gone.scalar_one_or_none()
+        if conversation_id is not None and not (await self._window(conversation_id)).writable:
+            await self._announce_window(conversation_id, "conversation.closed")
+
+    async def extend(self, conversation_id: UUID, until: dt.datetime) -> Window:
+        now = utcnow()
+        if until.tzinfo is None:
+            raise Invalid("give the time with its offset", "time_invalid")
+        if not now < until <= now + dt.timedelta(days=self.settings.chat_max_extension_days):
+            raise Invalid(f"extend into the next {self.settings.chat_max_extension_days} days", "extension_invalid")
+        await self.session.execute(update(Conversation).where(Conversation.id == conversation_id)
+                                   .values(extended_until=until, updated_at=now))
+        text = f"Chat extended until {until.astimezone(dt.UTC).strftime('%Y-%m-%d %H:%M')} UTC"
+        await self.post_system(conversation_id, text, "extended")
+        await self._announce_window(conversation_id, "conversation.extended")
+        return await self._window(conversation_id)
+
+    async def post_system(self, conversation_id: UUID, text: str, kind: str) -> Message:
+        """A message from the clinic itself: a reminder, an extension, a missed call."""
+        message = Message(id=uuid7(), conversation_id=conversation_id, author_id=None, kind="system", text=text,
+                          document_ids=[], client_id=f"system:{kind}:{uuid7()}")
+        self.session.add(message)
+        await self.session.flush()
+        party = await self._party(await self._conversation(conversation_id))
+        await streams.append(self.session, self.staged, party.people, "message.new", message_data(message))
+        return message
+
+    async def _window(self, conversation_id: UUID) -> Window:
+        now = utcnow()
+        extended = await self.session.scalar(select(Conversation.extended_until)
+                                             .where(Conversation.id == conversation_id))
+        planned_end = await self.session.scalar(select(func.max(ChatWindow.ends_at))
+                                                .where(ChatWindow.conversation_id == conversation_id))
+        return window_of(extended, planned_end, now)
+
+    async def _announce_window(self, conversation_id: UUID, type_: str) -> None:
+        party = await self._party(await self._conversation(conversation_id))
+        window = await self._window(conversation_id)
+        await streams.append(self.session, self.staged, party.people, type_, {
+            "conversation_id": str(conversation_id), "writable": window.writable,
+            "writable_until": window.until.isoformat() if window.until else None})
+
+    # --- reading and writing --------------------------------------------------------------------
+
+    async def _conversation(self, conversation_id: UUID) -> Conversation:
+        conversation = await self.session.get(Conversation, conversation_id)
+        if conversation is None:
+            raise NotVisible("conversation not found")
+        return conversation
+
+    async def _party(self, conversation: Conversation) -> Party:
+        patient = await self.accounts.user(conversation.patient_id)
+        guardian = patient.guardian_id if patient else None
+        login = conversation.patient_id if patient is not None and patient.phone else None
+        return Party(conversation, login, guardian)
+
+    async def visible(self, viewer: Viewer, conversation_id: UUID) -> Party:
+        """The conversation if the viewer is in it (the specialist, the patient, the patient's guardian)."""
+        party = await self._party(await self._conversation(conversation_id))
+        if viewer.id not in party.people:
+            raise NotVisible("conversation not found")
+        return party
+
+    async def send(self, viewer: Viewer, conversation_id: UUID, body: MessageIn) -> tuple[Message, bool]:
+        """(message, created). A retry with the same client_id answers the first message and writes nothing."""
+        party = await self.visible(viewer, conversation_id)
+        key = (Message.conversation_id == conversation_id, Message.author_id == viewer.id,
+               Message.client_id == body.client_id)
+        earlier = await self.session.scalar(select(Message).where(*key))
+        if earlier is not None:
+            return earlier, False
+        wait = await self.limiter.hit(f"chat:send:{viewer.id}", self.settings.chat_sends_per_minute, 60)
+        if wait:
+            raise TooMany("too many messages: slow down", wait)
+        if not (await self._window(conversation_id)).writable:
+            raise Conflict("the conversation is closed for writing", "conversation_closed")
+        if body.document_ids:  # documents arrive with the documents feature; until then none exist
+            raise Invalid("unknown document", "document_unknown")
+        text = (body.text or "").strip()
+        if not text:
+            raise Invalid("a message needs text or documents", "message_empty")
+        message = Message(id=uuid7(), conversation_id=conversation_id, author_id=viewer.id, kind="text", text=text,
+                          document_ids=[], client_id=body.client_id)
+        self.session.add(message)
+        try:
+            async with self.session.begin_nested():
+                await self.session.flush()
+        except IntegrityError:  # the same retry raced its twin: the twin won
+            twin = await self.session.scalar(select(Message).where(*key))
+            if twin is None:
+                raise
+            return twin, False
+        people = party.people
+        await streams.append(self.session, self.staged, people, "message.new", message_data(message))
+        away = people - {viewer.id} - await self.presence.online(sorted(people - {viewer.id}))
+        if away:  # nobody there to see it live: a push (no text in it) goes out through the outbox
+            outbox.stage(self.session, "push", message.id, sorted(str(u) for u in away),
+                         {"type": "message.new", "ref": str(message.id), "conversation_id": str(conversation_id)})
+        return message, True
+
+    async def history(self, viewer: Viewer, conversation_id: UUID, before: UUID | None, after: UUID | None,
+                      limit: int) -> list[Message]:
+        await self.visible(viewer, conversation_id)
+        query = select(Message).where(Message.conversation_id == conversation_id)
+        if after is not None:  # newer than a message, oldest first
+            rows = await self.session.scalars(query.where(Message.id > after).order_by(Message.id).limit(limit))
+            return list(rows.all())
+        if before is not None:
+            query = query.where(Message.id < before)
+        rows = await self.session.scalars(query.order_by(Message.id.desc()).limit(limit))
+        return list(reversed(rows.all()))  # the latest page, oldest first
+
+    async def mark_read(self, viewer: Viewer, conversation_id: UUID, up_to: UUID) -> None:
+        party = await self.visible(viewer, conversation_id)
+        message = await self.session.get(Message, up_to)
+        if message is None or message.conversation_id != conversation_id:
+            raise NotVisible("message not found")
+        mark = await self.session.scalar(select(ReadMark).where(ReadMark.conversation_id == conversation_id,
+                                                                ReadMark.user_id == viewer.id))
+        if mark is not None and mark.last_read_id >= up_to:
+            return  # marks only move forward
+        if mark is None:
+            self.session.add(ReadMark(conversation_id=conversation_id, user_id=viewer.id, last_read_id=up_to))
+        else:
+            mark.last_read_id = up_to
+        await self.session.flush()
+        await streams.append(self.session, self.staged, party.people - {viewer.id}, "message.read", {
+            "conversation_id": str(conversation_id), "user_id": str(viewer.id), "up_to_message_id": str(up_to)})
+
+    # --- the chat lists -------------------------------------------------------------------------
+
+    async def rows(self, viewer: Viewer, conversations: list[Conversation]) -> dict[UUID, Row]:
+        """Window, unread count and last message of each conversation, in three queries whatever their number."""
+        if not conversations:
+            return {}
+        ids = [c.id for c in conversations]
+        now = utcnow()
+        ends = dict((await self.session.execute(
+            select(ChatWindow.conversation_id, func.max(ChatWindow.ends_at))
+            .where(ChatWindow.conversation_id.in_(ids)).group_by(ChatWindow.conversation_id))).tuples().all())
+        unread = dict((await self.session.execute(
+            select(Message.conversation_id, func.count())
+            .outerjoin(ReadMark, and_(ReadMark.conversation_id == Message.conversation_id,
+                                      ReadMark.user_id == viewer.id))
+            .where(Message.conversation_id.in_(ids), or_(Message.author_id.is_(None), Message.author_id != viewer.id),
+                   or_(ReadMark.last_read_id.is_(None), Message.id > ReadMark.last_read_id))
+            .group_by(Message.conversation_id))).tuples().all())
+        latest = select(func.max(Message.id)).where(Message.conversation_id.in_(ids)) \
+            .group_by(Message.conversation_id).scalar_subquery()
+        last = {m.conversation_id: m for m in (await self.session.scalars(
+            select(Message).where(Message.id.in_(latest)))).all()}
+        return {c.id: Row(c, window_of(c.extended_until, ends.get(c.id), now), unread.get(c.id, 0), last.get(c.id))
+                for c in conversations}
+
+    async def patient_conversations(self, viewer: Viewer) -> list[Conversation]:
+        patients = await self.accounts.patients_acted_for(viewer)
+        return list((await self.session.scalars(
+            select(Conversation).where(Conversation.patient_id.in_(patients)))).all())
+
+    async def conversations(self, ids: list[UUID]) -> list[Conversation]:
+        if not ids:
+            return []
+        return list((await self.session.scalars(select(Conversation).where(Conversation.id.in_(ids)))).all())
+
+
+def window_of(extended_until: dt.datetime | None, planned_end: dt.datetime | None, now: dt.datetime) -> Window:
+    """Writable while a consultation holds it open or an extension runs; until: the later of the two ends."""
+    extended = extended_until is not None and extended_until > now
+    writable = planned_end is not None or extended
+    ends = [t for t in (planned_end, extended_until if extended else None) if t is not None]
+    return Window(writable, max(ends) if ends else None)
