@@ -14,6 +14,7 @@ from uuid import UUID
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 from uuid_utils.compat import uuid7
 
 from app import outbox
@@ -245,18 +246,19 @@ class ChatService:
         now = utcnow()
         ends = dict((await self.session.execute(
             select(ChatWindow.conversation_id, func.max(ChatWindow.ends_at))
-            .where(ChatWindow.conversation_id.in_(ids)).group_by(ChatWindow.conversation_id))).tuples().all())
+            .where(ChatWindow.conversation_id.in_(ids)).group_by(ChatWindow.conversation_id))).all())
         unread = dict((await self.session.execute(
             select(Message.conversation_id, func.count())
             .outerjoin(ReadMark, and_(ReadMark.conversation_id == Message.conversation_id,
                                       ReadMark.user_id == viewer.id))
             .where(Message.conversation_id.in_(ids), or_(Message.author_id.is_(None), Message.author_id != viewer.id),
                    or_(ReadMark.last_read_id.is_(None), Message.id > ReadMark.last_read_id))
-            .group_by(Message.conversation_id))).tuples().all())
-        latest = select(func.max(Message.id)).where(Message.conversation_id.in_(ids)) \
-            .group_by(Message.conversation_id).scalar_subquery()
-        last = {m.conversation_id: m for m in (await self.session.scalars(
-            select(Message).where(Message.id.in_(latest)))).all()}
+            .group_by(Message.conversation_id))).all())
+        conversation, newest = aliased(Conversation), aliased(Message)
+        latest = (select(newest.id).where(newest.conversation_id == conversation.id)  # PostgreSQL has no max(uuid)
+                  .order_by(newest.id.desc()).limit(1).scalar_subquery())
+        last = {m.conversation_id: m for m in (await self.session.scalars(select(Message).where(
+            Message.id.in_(select(latest).select_from(conversation).where(conversation.id.in_(ids)))))).all()}
         return {c.id: Row(c, window_of(c.extended_until, ends.get(c.id), now), unread.get(c.id, 0), last.get(c.id))
                 for c in conversations}
 
