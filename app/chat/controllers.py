@@ -16,7 +16,7 @@ from app.access import Viewer, signed_in
 from app.accounts.service import AccountService
 from app.chat.models import Message
 from app.chat.schemas import ChatRowOut, LastMessage, MessageIn, MessageOut, ReadIn
-from app.chat.service import ChatService, Row
+from app.chat.service import ChatService, Row, message_out
 from app.consultations.controllers import provide_consultations
 from app.consultations.service import ConsultationService
 from app.schemas import Page
@@ -27,11 +27,6 @@ Limit = Annotated[int, Parameter(ge=1, le=200)]
 async def provide_chat(db_session: NamedDependency[AsyncSession], state: State) -> ChatService:
     accounts = AccountService(db_session, state.settings, state.tokens, state.limiter, state.sms)
     return ChatService(db_session, state.settings, accounts, state.limiter, state.presence)
-
-
-def message_out(m: Message) -> MessageOut:
-    return MessageOut(id=m.id, conversation_id=m.conversation_id, author_id=m.author_id, kind=m.kind, text=m.text,
-                      document_ids=list(m.document_ids), client_id=m.client_id, created_at=m.created_at)
 
 
 def last_out(m: Message | None) -> LastMessage | None:

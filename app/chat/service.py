@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
+import msgspec
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -23,7 +24,7 @@ from app.accounts.service import AccountService
 from app.chat import streams
 from app.chat.hub import Presence
 from app.chat.models import ChatWindow, Conversation, Message, ReadMark
-from app.chat.schemas import MessageIn
+from app.chat.schemas import MessageIn, MessageOut
 from app.db import insert_ignoring_duplicates
 from app.errors import Conflict, Invalid, NotVisible, TooMany
 from app.limits import RateLimiter
@@ -34,11 +35,15 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def message_out(m: Message) -> MessageOut:
+    return MessageOut(id=m.id, conversation_id=m.conversation_id, author_id=m.author_id, kind=m.kind, text=m.text,
+                      document_ids=list(m.document_ids), client_id=m.client_id, created_at=m.created_at)
+
+
 def message_data(m: Message) -> dict[str, Any]:
-    """The message as REST answers it and as message.new carries it."""
-    return {"id": str(m.id), "conversation_id": str(m.conversation_id),
-            "author_id": str(m.author_id) if m.author_id else None, "kind": m.kind, "text": m.text,
-            "document_ids": list(m.document_ids), "client_id": m.client_id, "created_at": m.created_at.isoformat()}
+    """message.new carries the message exactly as the REST answer shapes it."""
+    data: dict[str, Any] = msgspec.to_builtins(message_out(m))
+    return data
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,69 @@
+"""Real server processes (`python -m app serve`) for end-to-end tests with real WebSocket clients."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+
+from app.settings import Settings
+from tests.harness import free_port
+from tests.integration.conftest import book, service, specialist  # noqa: F401  (shared fixtures)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def server_env(settings: Settings, port: int, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "DATA_DIR": settings.data_dir,
+           "DATABASE_URL": settings.resolved_database_url, "JWT_KEYS": settings.jwt_keys,
+           "SECRET_KEY": settings.secret_key, "SMS_LOG_PATH": str(settings.resolved_sms_log_path),
+           "LOG_LEVEL": "WARNING", "LOG_REQUESTS": "false", "OTP_PER_IP_PER_HOUR": "1000000"}
+    for name in ("redis_url", "s3_endpoint_url", "s3_access_key", "s3_secret_key", "s3_bucket"):
+        value = getattr(settings, name)
+        if value:
+            env[name.upper()] = str(value)
+    env.update(extra)
+    return env
+
+
+@asynccontextmanager
+async def servers(settings: Settings, count: int = 1, **extra: str) -> AsyncIterator[list[str]]:
+    """`count` API processes sharing the test database (and Redis in the real profile); yields base URLs."""
+    procs: list[subprocess.Popen[bytes]] = []
+    urls = []
+    try:
+        for _ in range(count):
+            port = free_port()
+            log = open(Path(settings.data_dir) / f"server-{port}.log", "wb")  # noqa: SIM115
+            procs.append(subprocess.Popen([sys.executable, "-m", "app", "serve"], cwd=ROOT, stdout=log,
+                                          stderr=subprocess.STDOUT, env=server_env(settings, port, **extra)))
+            urls.append(f"http://127.0.0.1:{port}")
+        async with httpx.AsyncClient() as http:
+            for url, proc in zip(urls, procs, strict=True):
+                for _ in range(300):
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"server {url} exited with {proc.returncode}")
+                    try:
+                        if (await http.get(f"{url}/health/ready")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    await asyncio.sleep(0.05)
+                else:
+                    raise RuntimeError(f"server {url} did not become ready")
+        yield urls
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
