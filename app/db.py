@@ -74,11 +74,16 @@ def tune_sqlite(engine: AsyncEngine) -> None:
         cursor.close()
 
 
+def dialect_insert(session: AsyncSession) -> Any:
+    """INSERT with ON CONFLICT for the session's database (PostgreSQL and SQLite both have it)."""
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+
+
 async def insert_ignoring_duplicates(session: AsyncSession, model: Any, rows: list[dict[str, Any]]) -> int:
     """Bulk INSERT that skips rows clashing with a unique key (another instance got there first)."""
     if not rows:
         return 0
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    insert = dialect_insert(session)
     total = 0
     for i in range(0, len(rows), 1000):  # bound the statement size
         result = await session.execute(insert(model).values(rows[i:i + 1000]).on_conflict_do_nothing())

@@ -7,7 +7,7 @@ from typing import Any
 from uuid import UUID
 
 from advanced_alchemy.types import GUID, DateTimeUTC
-from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint, true
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from app.db import Base, JsonDoc, metadata
@@ -21,6 +21,10 @@ class Conversation(Base):
     specialist_id: Mapped[UUID] = mapped_column(GUID, ForeignKey("user_account.id", ondelete="RESTRICT"),
                                                 index=True)
     extended_until: Mapped[dt.datetime | None] = mapped_column(DateTimeUTC(timezone=True))
+    # who besides the specialist sees it, fixed when it is made so a send needs no account lookups:
+    # the patient when they have a login (a dependent has none) and a dependent's guardian
+    guardian_id: Mapped[UUID | None] = mapped_column(GUID)
+    patient_has_login: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
 
 
 class ChatWindow(Base):

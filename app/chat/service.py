@@ -13,7 +13,6 @@ from uuid import UUID
 
 import msgspec
 from sqlalchemy import and_, delete, func, or_, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 from uuid_utils.compat import uuid7
@@ -25,7 +24,7 @@ from app.chat import streams
 from app.chat.hub import Presence
 from app.chat.models import ChatWindow, Conversation, Message, ReadMark
 from app.chat.schemas import MessageIn, MessageOut
-from app.db import insert_ignoring_duplicates
+from app.db import dialect_insert, insert_ignoring_duplicates
 from app.errors import Conflict, Invalid, NotVisible, TooMany
 from app.limits import RateLimiter
 from app.settings import Settings
@@ -94,9 +93,11 @@ class ChatService:
         found = await self.session.scalar(select(Conversation).where(*pair))
         if found is None:  # two first bookings at once: one insert wins, both read it
             now = utcnow()
+            patient = await self.accounts.user(patient_id)
             await insert_ignoring_duplicates(self.session, Conversation, [{
                 "id": uuid7(), "patient_id": patient_id, "specialist_id": specialist_id,
-                "created_at": now, "updated_at": now}])
+                "guardian_id": patient.guardian_id if patient else None,
+                "patient_has_login": bool(patient and patient.phone), "created_at": now, "updated_at": now}])
             found = await self.session.scalar(select(Conversation).where(*pair))
         assert found is not None
         return found
@@ -139,13 +140,15 @@ class ChatService:
         await streams.append(self.session, self.staged, party.people, "message.new", message_data(message))
         return message
 
-    async def _window(self, conversation_id: UUID) -> Window:
-        now = utcnow()
-        extended = await self.session.scalar(select(Conversation.extended_until)
-                                             .where(Conversation.id == conversation_id))
+    async def _window(self, conversation_id: UUID, extended: dt.datetime | None = None,
+                      known: bool = False) -> Window:
+        """Whether the conversation takes messages; pass its extended_until when already loaded."""
+        if not known:
+            extended = await self.session.scalar(select(Conversation.extended_until)
+                                                 .where(Conversation.id == conversation_id))
         planned_end = await self.session.scalar(select(func.max(ChatWindow.ends_at))
                                                 .where(ChatWindow.conversation_id == conversation_id))
-        return window_of(extended, planned_end, now)
+        return window_of(extended, planned_end, utcnow())
 
     async def _announce_window(self, conversation_id: UUID, type_: str) -> None:
         party = await self._party(await self._conversation(conversation_id))
@@ -163,10 +166,8 @@ class ChatService:
         return conversation
 
     async def _party(self, conversation: Conversation) -> Party:
-        patient = await self.accounts.user(conversation.patient_id)
-        guardian = patient.guardian_id if patient else None
-        login = conversation.patient_id if patient is not None and patient.phone else None
-        return Party(conversation, login, guardian)
+        login = conversation.patient_id if conversation.patient_has_login else None
+        return Party(conversation, login, conversation.guardian_id)
 
     async def visible(self, viewer: Viewer, conversation_id: UUID) -> Party:
         """The conversation if the viewer is in it (the specialist, the patient, the patient's guardian)."""
@@ -176,37 +177,40 @@ class ChatService:
         return party
 
     async def send(self, viewer: Viewer, conversation_id: UUID, body: MessageIn) -> tuple[Message, bool]:
-        """(message, created). A retry with the same client_id answers the first message and writes nothing."""
+        """(message, created). A retry with the same client_id answers the first message and writes nothing.
+
+        The message is written first and the checks follow: a refusal rolls it back with the transaction,
+        and the common case costs one statement fewer than looking for a retry before writing."""
         party = await self.visible(viewer, conversation_id)
-        key = (Message.conversation_id == conversation_id, Message.author_id == viewer.id,
-               Message.client_id == body.client_id)
-        earlier = await self.session.scalar(select(Message).where(*key))
-        if earlier is not None:
-            return earlier, False
-        wait = await self.limiter.hit(f"chat:send:{viewer.id}", self.settings.chat_sends_per_minute, 60)
-        if wait:
-            raise TooMany("too many messages: slow down", wait)
-        if not (await self._window(conversation_id)).writable:
-            raise Conflict("the conversation is closed for writing", "conversation_closed")
         if body.document_ids:  # documents arrive with the documents feature; until then none exist
             raise Invalid("unknown document", "document_unknown")
         text = (body.text or "").strip()
         if not text:
             raise Invalid("a message needs text or documents", "message_empty")
-        message = Message(id=uuid7(), conversation_id=conversation_id, author_id=viewer.id, kind="text", text=text,
-                          document_ids=[], client_id=body.client_id)
-        self.session.add(message)
-        try:
-            async with self.session.begin_nested():
-                await self.session.flush()
-        except IntegrityError:  # the same retry raced its twin: the twin won
-            twin = await self.session.scalar(select(Message).where(*key))
-            if twin is None:
-                raise
-            return twin, False
+        message_id, now = uuid7(), utcnow()
+        written = await self.session.execute(
+            dialect_insert(self.session)(Message).values(
+                id=message_id, conversation_id=conversation_id, author_id=viewer.id, kind="text", text=text,
+                document_ids=[], client_id=body.client_id, created_at=now, updated_at=now)
+            .on_conflict_do_nothing(index_elements=["conversation_id", "author_id", "client_id"])
+            .returning(Message.id))
+        if written.scalar_one_or_none() is None:  # a retry: the first copy stands, nothing is announced again
+            earlier = await self.session.scalar(select(Message).where(
+                Message.conversation_id == conversation_id, Message.author_id == viewer.id,
+                Message.client_id == body.client_id))
+            assert earlier is not None
+            return earlier, False
+        if not (await self._window(conversation_id, party.conversation.extended_until, known=True)).writable:
+            raise Conflict("the conversation is closed for writing", "conversation_closed")
+        wait = await self.limiter.hit(f"chat:send:{viewer.id}", self.settings.chat_sends_per_minute, 60)
+        if wait:
+            raise TooMany("too many messages: slow down", wait)
+        message = Message(id=message_id, conversation_id=conversation_id, author_id=viewer.id, kind="text",
+                          text=text, document_ids=[], client_id=body.client_id, created_at=now, updated_at=now)
         people = party.people
         await streams.append(self.session, self.staged, people, "message.new", message_data(message))
-        away = people - {viewer.id} - await self.presence.online(sorted(people - {viewer.id}))
+        others = sorted(people - {viewer.id})
+        away = set(others) - await self.presence.online(others)
         if away:  # nobody there to see it live: a push (no text in it) goes out through the outbox
             outbox.stage(self.session, "push", message.id, sorted(str(u) for u in away),
                          {"type": "message.new", "ref": str(message.id), "conversation_id": str(conversation_id)})

@@ -14,10 +14,10 @@ from uuid import UUID
 
 import msgspec
 from sqlalchemy import func, insert, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.chat.models import UserEvent, UserStream
+from app.db import dialect_insert
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,20 +44,23 @@ def decode(raw: bytes) -> list[Event]:
 
 async def append(session: AsyncSession, staged: Staged, recipients: set[UUID], type_: str,
                  data: dict[str, Any]) -> None:
-    """Add one event to each recipient's stream (in recipient order, so two writers never deadlock)."""
-    upsert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    """Add one event to each recipient's stream: two statements whatever the number of recipients.
+
+    The upsert takes the stream rows in recipient order, so two writers never deadlock."""
+    if not recipients:
+        return
+    upsert = dialect_insert(session)
+    ordered = sorted(recipients)
+    statement = upsert(UserStream).values([{"user_id": r, "last_seq": 1} for r in ordered])
+    numbered = await session.execute(statement.on_conflict_do_update(
+        index_elements=[UserStream.user_id], set_={"last_seq": UserStream.last_seq + 1},
+    ).returning(UserStream.user_id, UserStream.last_seq))
     now = dt.datetime.now(dt.UTC)
     rows = []
-    for recipient in sorted(recipients):
-        statement = upsert(UserStream).values(user_id=recipient, last_seq=1)
-        seq = await session.scalar(statement.on_conflict_do_update(
-            index_elements=[UserStream.user_id], set_={"last_seq": UserStream.last_seq + 1},
-        ).returning(UserStream.last_seq))
-        assert seq is not None
+    for recipient, seq in numbered.all():
         rows.append({"recipient_id": recipient, "seq": seq, "type": type_, "data": data, "created_at": now})
         staged.events.append(Event(recipient, seq, type_, data))
-    if rows:
-        await session.execute(insert(UserEvent), rows)
+    await session.execute(insert(UserEvent), rows)
 
 
 async def last_seq(session: AsyncSession, user_id: UUID) -> int:

@@ -38,6 +38,8 @@ def upgrade() -> None:
     sa.Column('patient_id', GUID(length=16), nullable=False),
     sa.Column('specialist_id', GUID(length=16), nullable=False),
     sa.Column('extended_until', DateTimeUTC(timezone=True), nullable=True),
+    sa.Column('guardian_id', GUID(length=16), nullable=True),
+    sa.Column('patient_has_login', sa.Boolean(), server_default=sa.true(), nullable=False),
     sa.Column('sa_orm_sentinel', sa.Integer(), nullable=True),
     sa.Column('created_at', DateTimeUTC(timezone=True), nullable=False),
     sa.Column('updated_at', DateTimeUTC(timezone=True), nullable=False),
