@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 from advanced_alchemy.base import UUIDv7AuditBase, orm_registry
 from litestar import Request
 from litestar.datastructures import State
@@ -29,13 +30,15 @@ class Database:
 
     def __init__(self, settings: Settings) -> None:
         url = settings.resolved_database_url
+        json = {"json_serializer": lambda o: msgspec.json.encode(o).decode(),  # several times faster than json
+                "json_deserializer": msgspec.json.decode}
         if url.startswith("sqlite"):
-            self.engine = create_async_engine(url, connect_args={"timeout": 30})
+            self.engine = create_async_engine(url, connect_args={"timeout": 30}, **json)
             tune_sqlite(self.engine)
         else:
             # a steady pool sized for the expected concurrency: overflow connections churn and starve waiters
             self.engine = create_async_engine(url, pool_size=settings.db_pool_size,
-                                              max_overflow=settings.db_pool_size // 4, pool_timeout=10)
+                                              max_overflow=settings.db_pool_size // 4, pool_timeout=10, **json)
         self.writer = async_sessionmaker(self.engine, expire_on_commit=False)
         self.reader = async_sessionmaker(self.engine.execution_options(isolation_level="AUTOCOMMIT"),
                                          expire_on_commit=False)

@@ -289,13 +289,20 @@ class AccountService:
         return match.id
 
     async def briefs(self, viewer: Viewer, patient_ids: list[UUID]) -> dict[UUID, dict[str, Any]]:
-        """Masked cards of several patients in one query (calendars, lists)."""
+        """Masked short cards (name, initials, age) of several patients in one query: calendars and lists."""
         if not patient_ids:
             return {}
-        rows = (await self.session.scalars(select(User).where(User.id.in_(set(patient_ids))))).all()
-        acts_for = {u.id for u in rows if u.guardian_id == viewer.id}
-        return {u.id: access.mask_patient(card_of(u), access.visible_card_fields(viewer, u.id, acts_for))
-                for u in rows}
+        rows = await self.session.execute(select(User.id, User.full_name, User.birth_date, User.guardian_id)
+                                          .where(User.id.in_(set(patient_ids))))
+        today = dt.date.today()
+        briefs = {}
+        for row in rows:
+            acts_for = [row.id] if row.guardian_id == viewer.id else []
+            card = {"id": row.id, "full_name": row.full_name, "initials": initials(row.full_name),
+                    "age": age_on(row.birth_date, today) if row.birth_date else None,
+                    "is_dependent": row.guardian_id is not None}
+            briefs[row.id] = access.mask_patient(card, access.visible_card_fields(viewer, row.id, acts_for))
+        return briefs
 
     # --- patient cards, through the secrecy masks ----------------------------------------------
 
@@ -388,7 +395,7 @@ def card_of(patient: User) -> dict[str, Any]:
     return {
         "id": patient.id,
         "full_name": patient.full_name,
-        "initials": "".join(f"{part[0]}." for part in patient.full_name.split() if part) or None,
+        "initials": initials(patient.full_name),
         "birth_date": patient.birth_date,
         "age": age_on(patient.birth_date, dt.date.today()) if patient.birth_date else None,
         "is_dependent": patient.guardian_id is not None,
@@ -397,6 +404,10 @@ def card_of(patient: User) -> dict[str, Any]:
         "guardian_id": patient.guardian_id,
         "questionnaire": patient.questionnaire,
     }
+
+
+def initials(full_name: str) -> str | None:
+    return "".join(f"{part[0]}." for part in full_name.split()) or None
 
 
 def age_on(born: dt.date, today: dt.date) -> int:

@@ -54,7 +54,8 @@ def brief(card: dict[str, Any] | None) -> PatientBrief | None:
     return PatientBrief(**{f: card.get(f) for f in BRIEF_FIELDS}) if card else None  # type: ignore[arg-type]
 
 
-def consultation_out(c: Consultation, card: dict[str, Any] | None = None) -> ConsultationOut:
+def consultation_out(c: Any, card: dict[str, Any] | None = None) -> ConsultationOut:
+    """From a Consultation or a row of its columns."""
     return ConsultationOut(id=c.id, patient_id=c.patient_id, specialist_id=c.specialist_id, service_id=c.service_id,
                            slot_id=c.slot_id, specialty=c.specialty, starts_at=c.starts_at, ends_at=c.ends_at,
                            format=c.format, status=c.status, paid=c.paid, conversation_id=c.conversation_id,

@@ -29,6 +29,9 @@ from app.settings import Settings
 # ICD-10: a letter (U is reserved), two digits (or digit + A/B), an optional dot and up to four more
 ICD10 = re.compile(r"^[A-TV-Z][0-9][0-9AB](\.[0-9A-Z]{1,4})?$")
 LIVE = (Status.PENDING_CONFIRMATION, Status.CONFIRMED, Status.IN_PROGRESS)
+CALENDAR_COLUMNS = (Consultation.id, Consultation.patient_id, Consultation.specialist_id, Consultation.service_id,
+                    Consultation.slot_id, Consultation.specialty, Consultation.starts_at, Consultation.ends_at,
+                    Consultation.format, Consultation.status, Consultation.paid, Consultation.conversation_id)
 
 
 def utcnow() -> dt.datetime:
@@ -52,7 +55,7 @@ class PatientRow:
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    rows: list[Consultation]
+    rows: list[Any]  # rows with the consultation's columns
     next_cursor: str | None
 
 
@@ -74,8 +77,10 @@ class ConsultationService:
                                                                     data.patient_name, data.dependent_name)
         else:
             patient_id = await self.accounts.acting_patient(viewer, data.patient_id)
-        service = await self.scheduling.service(data.service_id)
         slot = await self.scheduling.slot(data.slot_id)
+        if slot.consultation_id is not None:  # already gone: answer at once (the claim below still decides)
+            raise Conflict("the slot is already taken", "slot_taken")
+        service = await self.scheduling.service(data.service_id)
         specialist = await self.accounts.specialist(slot.specialist_id)
         if service.specialty not in specialist.specialties:
             raise Invalid("this specialist does not offer this service", "service_not_offered")
@@ -140,7 +145,7 @@ class ConsultationService:
     async def calendar(self, viewer: Viewer, start: dt.datetime | None, end: dt.datetime | None,
                        status: str | None, specialist_id: UUID | None, limit: int,
                        cursor: tuple[dt.datetime, UUID] | None) -> Page:
-        query = select(Consultation)
+        query = select(*CALENDAR_COLUMNS)  # plain rows: a calendar is read often and never changed in place
         if viewer.has_any(access.BOOKERS_FOR_OTHERS):
             if specialist_id is not None:
                 query = query.where(Consultation.specialist_id == specialist_id)
@@ -157,7 +162,7 @@ class ConsultationService:
         if cursor is not None:
             query = query.where(or_(Consultation.starts_at > cursor[0],
                                     and_(Consultation.starts_at == cursor[0], Consultation.id > cursor[1])))
-        rows = list((await self.session.scalars(
+        rows = list((await self.session.execute(
             query.order_by(Consultation.starts_at, Consultation.id).limit(limit + 1))).all())
         more = len(rows) > limit
         rows = rows[:limit]

@@ -46,6 +46,13 @@ async def provide_scheduling(db_session: NamedDependency[AsyncSession], state: S
 DEPENDENCIES = {"scheduling": Provide(provide_scheduling), "accounts": Provide(provide_accounts)}
 
 
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    if not if_none_match:
+        return False
+    tags = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
+    return "*" in tags or etag in tags
+
+
 def service_out(s: ClinicService) -> ServiceOut:
     return ServiceOut(id=s.id, specialty=s.specialty, title=s.title, duration_minutes=s.duration_minutes,
                       price=s.price, in_person_only=s.in_person_only, stage=s.stage)
@@ -71,7 +78,7 @@ def schedule_out(s: Schedule, created: int, removed: int) -> ScheduleOut:
 class CatalogueController(Controller):
     path = "/api/v1"
     tags = ["scheduling"]
-    dependencies = DEPENDENCIES
+    dependencies = DEPENDENCIES  # resolved only for the handlers that name them
 
     @get("/specialties", opt=PUBLIC)
     async def list_specialties(self) -> Page[SpecialtyOut]:
@@ -120,21 +127,23 @@ class CatalogueController(Controller):
 
     @get("/slots/feed", opt=PUBLIC)
     async def slot_feed(self, request: Request[Any, Any, Any], state: State,
-                        scheduling: NamedDependency[SchedulingService], accounts: NamedDependency[AccountService],
                         specialty: FromQuery[Specialty | None] = None,
                         from_: Annotated[str | None, QueryParameter(name="from")] = None,
                         to: FromQuery[str | None] = None) -> Response[bytes]:
+        """Partners poll this: a cache hit touches no database; one query per cache window per question."""
         cache: FeedCache = state.slot_feed_cache
         key = (specialty, from_, to)
         cached = cache.get(key)
         if cached is None:
             start, end = timeparams.time_range(from_, to, timeparams.zone(state.settings.clinic_timezone))
-            specialists = {u.id: list(u.specialties) for u in await accounts.specialists()}
-            body = await scheduling.feed(specialty, start, end, specialists)
+            async with state.database.reader() as session:
+                accounts = AccountService(session, state.settings, state.tokens, state.limiter, state.sms)
+                specialists = {u.id: list(u.specialties) for u in await accounts.specialists()}
+                body = await SchedulingService(session, state.settings).feed(specialty, start, end, specialists)
             cached = body, cache.put(key, body)
         body, etag = cached
         headers = {"ETag": etag, "Cache-Control": f"public, max-age={int(cache.seconds)}"}
-        if etag in request.headers.get("if-none-match", ""):
+        if etag_matches(request.headers.get("if-none-match"), etag):
             return Response(b"", status_code=304, headers=headers)
         return Response(body, media_type="application/json", headers=headers)
 
