@@ -45,10 +45,11 @@ lint: install-test
 # pytest exits 5 when it collected nothing; any non-zero status fails the target.
 test: install-test services-packages lint
 	$(BIN)/python -m tests.harness $(BIN)/python -m pytest -q -p no:cacheprovider
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not real_only"
+	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: install-test services-packages
 	$(BIN)/python -m tests.harness $(BIN)/python -m bench.accounts
+	$(BIN)/python -m tests.harness $(BIN)/python -m bench.scheduling
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache

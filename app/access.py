@@ -31,7 +31,6 @@ class Role(StrEnum):
     ADMIN = "admin"
 
 
-STAFF_ROLES = frozenset(Role) - {Role.PATIENT}
 SPECIALIST_ROLES = frozenset({Role.DOCTOR, Role.PSYCHOLOGIST, Role.SONOGRAPHER, Role.MASSAGE_THERAPIST})
 
 # Which specialties each clinician role may hold; other staff roles hold none.
@@ -81,8 +80,8 @@ async def signed_in(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRoute
     _viewer(connection)
 
 
-# Routes open to everyone say so with opt={"public": True}; every other route carries a guard.
-PUBLIC = {"public": True}
+# Routes open to everyone say so with opt=PUBLIC (the auth middleware skips them); every other route has a guard.
+PUBLIC: dict[str, Any] = {"exclude_from_auth": True}
 
 # Who may act for patients (book, upload, chat as the patient): themselves and guardians.
 PATIENTS = (Role.PATIENT,)
@@ -141,7 +140,6 @@ def is_clinician(viewer: Viewer) -> bool:
 # --- Consultations and conclusions -----------------------------------------------------------------
 
 BOOKERS_FOR_OTHERS = (Role.REGISTRAR, Role.ADMIN)  # book for any patient, confirm, see every calendar
-CALENDAR_READERS = (*SPECIALIST_ROLES, Role.REGISTRAR, Role.ADMIN, Role.PATIENT)
 
 
 def conclusion_visible(viewer: Viewer, *, author_id: UUID, author_role: str, own_patient: bool,

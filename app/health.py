@@ -10,7 +10,8 @@ from litestar.datastructures import State
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-PUBLIC: dict[str, Any] = {"exclude_from_auth": True}
+from app.access import PUBLIC
+
 CHECK_TIMEOUT = 3.0
 
 

@@ -15,6 +15,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
 from redis.asyncio import Redis
 
+from app.access import PUBLIC
 from app.accounts.controllers import (
     AuthController,
     DeviceController,
@@ -43,7 +44,7 @@ log = logging.getLogger("app")
 SERVICE_PATHS = ["^/health", "^/metrics", "^/schema"]
 
 
-@get("/metrics", include_in_schema=False, opt={"exclude_from_auth": True}, media_type="text/plain; version=0.0.4")
+@get("/metrics", include_in_schema=False, opt=PUBLIC, media_type="text/plain; version=0.0.4")
 async def metrics() -> Response[bytes]:
     return Response(metrics_text(), media_type="text/plain; version=0.0.4")
 

@@ -11,7 +11,7 @@ from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.access import ADMINS, PATIENTS, STAFF_READERS, Viewer, require_roles, signed_in
+from app.access import ADMINS, PATIENTS, PUBLIC, STAFF_READERS, Viewer, require_roles, signed_in
 from app.accounts.models import Device, User
 from app.accounts.schemas import (
     DependentIn,
@@ -34,7 +34,6 @@ from app.accounts.service import AccountService, Login, Me
 from app.errors import Invalid
 from app.schemas import Page
 
-PUBLIC: dict[str, Any] = {"exclude_from_auth": True}
 Limit = Annotated[int, Parameter(ge=1, le=100, description="page size")]
 
 

@@ -12,7 +12,7 @@ from litestar.params import FromPath, FromQuery, JSONBody, Parameter, QueryParam
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import timeparams
-from app.access import BOOKERS_FOR_OTHERS, PATIENTS, Role, Viewer, require_roles, signed_in
+from app.access import BOOKERS_FOR_OTHERS, PATIENTS, PUBLIC, Role, Viewer, require_roles, signed_in
 from app.accounts.controllers import parse_cursor, provide_accounts
 from app.accounts.service import AccountService
 from app.scheduling.models import ClinicService, Schedule, Slot, WaitlistRequest
@@ -34,7 +34,6 @@ from app.scheduling.service import FeedCache, SchedulingService
 from app.schemas import Page
 from app.specialties import TITLES, Specialty
 
-PUBLIC: dict[str, Any] = {"exclude_from_auth": True}
 Limit = Annotated[int, Parameter(ge=1, le=100)]
 SCHEDULERS = (Role.ADMIN, Role.REGISTRAR)
 
