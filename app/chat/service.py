@@ -150,6 +150,11 @@ class ChatService:
                                                 .where(ChatWindow.conversation_id == conversation_id))
         return window_of(extended, planned_end, utcnow())
 
+    async def announce(self, conversation_id: UUID, type_: str, data: dict[str, Any]) -> None:
+        """An event for everyone whose apps show this conversation (e.g. its consultation changed)."""
+        party = await self._party(await self._conversation(conversation_id))
+        await streams.append(self.session, self.staged, party.people, type_, data)
+
     async def _announce_window(self, conversation_id: UUID, type_: str) -> None:
         party = await self._party(await self._conversation(conversation_id))
         window = await self._window(conversation_id)

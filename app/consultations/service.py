@@ -110,7 +110,7 @@ class ConsultationService:
             raise Conflict("the slot is already taken", "slot_taken") from exc
         if status is Status.CONFIRMED:
             await self.chat.open_window(conversation.id, visit.id, visit.ends_at)
-        self._announce(visit, "booked")
+        await self._announce(visit, "booked")
         return visit
 
     @dataclass(frozen=True, slots=True)
@@ -203,7 +203,7 @@ class ConsultationService:
         if rule.target is Status.CANCELLED:
             await self.scheduling.release(visit.slot_id, visit.id)
             await self.scheduling.announce_free(await self.accounts.specialist(visit.specialist_id), visit.starts_at)
-        self._announce(visit, command)
+        await self._announce(visit, command)
         return visit
 
     async def pay(self, viewer: Viewer, consultation_id: UUID, data: PayIn) -> Consultation:
@@ -230,13 +230,18 @@ class ConsultationService:
                 await self.session.flush()
         except IntegrityError as exc:  # the same reference recorded in parallel
             raise Conflict("this payment was already recorded", "payment_reference_used") from exc
-        self._announce(visit, "paid")
+        await self._announce(visit, "paid")
         return visit
 
-    def _announce(self, visit: Consultation, change: str) -> None:
+    async def _announce(self, visit: Consultation, change: str) -> None:
+        """consultation.updated: into the outbox for notifications, and live to the people of its chat."""
+        data = {"consultation_id": str(visit.id), "status": visit.status, "change": change, "paid": visit.paid,
+                "starts_at": visit.starts_at.isoformat(), "specialist_id": str(visit.specialist_id),
+                "patient_id": str(visit.patient_id)}
         outbox.stage(self.session, "consultation.updated", visit.id,
-                     [str(visit.patient_id), str(visit.specialist_id)],
-                     {"consultation_id": str(visit.id), "status": visit.status, "change": change})
+                     [str(visit.patient_id), str(visit.specialist_id)], data)
+        if visit.conversation_id is not None:
+            await self.chat.announce(visit.conversation_id, "consultation.updated", data)
 
     async def extend_chat(self, viewer: Viewer, consultation_id: UUID, until: dt.datetime) -> tuple[UUID, Window]:
         visit, party = await self.visible(viewer, consultation_id)

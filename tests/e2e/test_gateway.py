@@ -165,3 +165,23 @@ async def test_a_silent_socket_is_closed_and_bad_frames_answered(test_settings: 
                 await asyncio.wait_for(socket.recv(), WAIT)
         assert closed.value.rcvd is not None
         assert closed.value.rcvd.code == 4408
+
+
+async def test_a_confirmation_reaches_the_patient_live_and_opens_the_chat(
+    api: list[str], specialist: Callable[..., Any], service: Callable[..., Any], patient: Session,
+    book: Callable[..., Any], staff: Callable[..., Any],
+) -> None:
+    doctor, visit_type = await specialist(), await service()
+    visit = (await book(patient, doctor, visit_type)).json()
+    registrar = await staff("registrar")
+    async with websockets.connect(ws_url(api[0], patient)) as socket:
+        await nothing_pending(socket)
+        confirmed = await post(api[-1], registrar, f"/api/v1/consultations/{visit['id']}/confirm", {})
+        assert confirmed.status_code == 200, confirmed.text
+        seen: set[str] = set()
+        frames = await frames_until(socket, lambda f: seen.add(f["type"]) or {  # type: ignore[func-returns-value]
+            "consultation.updated", "conversation.opened"} <= seen)
+    updated = next(f for f in frames if f["type"] == "consultation.updated")
+    opened = next(f for f in frames if f["type"] == "conversation.opened")
+    assert (updated["data"]["consultation_id"], updated["data"]["status"]) == (visit["id"], "confirmed")
+    assert opened["data"] == {**opened["data"], "conversation_id": visit["conversation_id"], "writable": True}
