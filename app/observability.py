@@ -31,7 +31,7 @@ class JsonFormatter(logging.Formatter):
         }
         if (rid := request_id_var.get()) is not None:
             entry["request_id"] = rid
-        entry.update({k: v for k, v in record.__dict__.items() if k not in _STD_ATTRS})
+        entry.update({k: v for k, v in record.__dict__.items() if k not in _STD_ATTRS and k != "color_message"})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)

@@ -120,6 +120,16 @@ def read_code(settings: Settings, phone: str) -> str:
     raise AssertionError(f"no SMS to {phone}")
 
 
+def refused(answer: Any, status: int, reason: str | None = None) -> None:
+    """The answer is the contract's error body with this status (and reason code, when given)."""
+    assert answer.status_code == status, answer.text
+    body = answer.json()
+    assert set(body) == {"status_code", "detail", "extra"}
+    assert body["status_code"] == status
+    if reason is not None:
+        assert body["extra"]["reason"] == reason, body
+
+
 class Session(msgspec.Struct):
     id: UUID
     phone: str

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.consultations.models import Rating
 from app.outbox import OutboxEvent
-from tests.conftest import Session
+from tests.conftest import Session, refused
 
 Maker = async_sessionmaker[AsyncSession]
 CHILD = {"full_name": "Sasha Testov", "birth_date": "2017-09-09", "relation": "child",
@@ -21,15 +21,6 @@ CHILD = {"full_name": "Sasha Testov", "birth_date": "2017-09-09", "relation": "c
 DIAGNOSES = [{"code": "E11.9", "title": "Type 2 diabetes mellitus without complications", "main": True},
              {"code": "N97", "title": "Female infertility", "main": False},
              {"code": "E28.2", "title": "Polycystic ovarian syndrome", "main": False}]
-
-
-def refused(answer: Any, status: int, reason: str | None = None) -> None:
-    assert answer.status_code == status, answer.text
-    body = answer.json()
-    assert set(body) == {"status_code", "detail", "extra"}
-    assert body["status_code"] == status
-    if reason is not None:
-        assert body["extra"]["reason"] == reason, body
 
 
 async def step(client: AsyncTestClient[Any], who: Session, visit: dict[str, Any], command: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.consultations.models import Consultation, Payment
 from app.outbox import OutboxEvent
-from tests.conftest import Session
+from tests.conftest import Session, refused
 from tests.integration.conftest import free_slots
 
 CHILD = {"full_name": "Petya Testov", "birth_date": "2018-06-01", "relation": "child",
@@ -26,15 +26,6 @@ async def act(client: AsyncTestClient[Any], who: Session, visit: dict[str, Any] 
               **body: Any) -> Any:
     cid = visit if isinstance(visit, str) else visit["id"]
     return await client.post(f"/api/v1/consultations/{cid}/{command}", headers=who.headers, json=body or None)
-
-
-def refused(answer: Any, status: int, reason: str | None = None) -> None:
-    assert answer.status_code == status, answer.text
-    body = answer.json()
-    assert set(body) == {"status_code", "detail", "extra"}
-    assert body["status_code"] == status
-    if reason is not None:
-        assert body["extra"]["reason"] == reason, body
 
 
 async def booked(book: Callable[..., Any], who: Session, doctor: Session, svc: dict[str, Any], *, nth: int = 1,
