@@ -50,6 +50,7 @@ test: install-test services-packages lint
 bench: install-test services-packages
 	$(BIN)/python -m tests.harness $(BIN)/python -m bench.accounts
 	$(BIN)/python -m tests.harness $(BIN)/python -m bench.scheduling
+	$(BIN)/python -m tests.harness $(BIN)/python -m bench.chat
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache

@@ -13,7 +13,7 @@ from litestar.exceptions import HTTPException
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from app.access import PUBLIC
 from app.accounts.controllers import (
@@ -69,7 +69,9 @@ def create_app(settings: Settings) -> Litestar:
 
     @asynccontextmanager
     async def backing_services(app: Litestar) -> AsyncIterator[None]:
-        redis = Redis.from_url(settings.redis_url) if settings.redis_url else None
+        # a blocking pool: at a peak, callers wait for a connection instead of failing
+        redis = Redis(connection_pool=BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=settings.redis_pool_size, timeout=5)) if settings.redis_url else None
         presence_ttl = settings.ws_heartbeat_seconds * 2
         store = object_store(settings)
         hub = Hub()

@@ -28,6 +28,7 @@ from app.observability import OPEN_WEBSOCKETS
 log = logging.getLogger("app.realtime")
 PONG = '{"type":"pong"}'
 CLOSE_IDLE, CLOSE_SLOW = 4408, 4429
+FIRST_FRAME_GRACE = 0.3  # seconds live events wait for a resuming client's first frame
 
 
 def error_frame(reason: str) -> str:
@@ -49,26 +50,35 @@ def frame(event: streams.Event) -> str:
 
 
 async def forward(socket: WebSocket[Any, Any, Any], connection: Connection, database: Database) -> None:
-    async def fill(up_to: int | None) -> None:
+    """Send the socket its events in stream order, each once; the only task that writes to the socket."""
+
+    async def fill(after: int, up_to: int | None) -> int:
+        """Send the stored events in (after, up_to]; returns the last position sent."""
         while True:
             async with database.reader() as session:
-                missing = await streams.after(session, connection.user_id, connection.last_seq, up_to)
+                missing = await streams.after(session, connection.user_id, after, up_to)
             for event in missing:
                 await socket.send_text(frame(event))
-                connection.last_seq = event.seq
-            if len(missing) < 1000:
-                return
+                after = event.seq
+            if len(missing) < streams.PAGE:
+                return after
 
-    while True:  # the only task that writes to the socket, so frames never interleave
+    # A resuming client says so in its first frame: live events wait for it (briefly), so that the replay
+    # comes first and everything arrives in order.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(connection.ready.wait(), FIRST_FRAME_GRACE)
+    if connection.resume_from is not None:
+        connection.last_seq = await fill(min(connection.resume_from, connection.last_seq), None)
+    while True:
         item = await connection.queue.get()
         if isinstance(item, str):
             await socket.send_text(item)
-        elif isinstance(item, Resume):
-            connection.last_seq = min(item.after, connection.last_seq)  # never skip what was not sent
-            await fill(None)
+        elif isinstance(item, Resume):  # a late resume: send only what this socket never had, once
+            if item.after < connection.started_at:
+                await fill(item.after, connection.started_at)
         elif item.seq > connection.last_seq:
-            if item.seq > connection.last_seq + 1:  # something was published out of order or lost: fetch it
-                await fill(item.seq - 1)
+            if item.seq > connection.last_seq + 1:  # published out of order, or a publish was lost: fetch it
+                connection.last_seq = await fill(connection.last_seq, item.seq - 1)
             await socket.send_text(frame(item))
             connection.last_seq = item.seq
 
@@ -83,10 +93,13 @@ async def realtime(socket: WebSocket[Any, Any, Any], state: State) -> None:
     sender: asyncio.Task[None] | None = None
     try:
         async with database.reader() as session:
-            connection.last_seq = await streams.last_seq(session, connection.user_id)
-        await state.presence.touch(connection.user_id, connection.id)
+            connection.last_seq = connection.started_at = await streams.last_seq(session, connection.user_id)
+        await touch(state, connection)
         sender = asyncio.create_task(forward(socket, connection, database))
         await serve(socket, connection, state, sender)
+    except Exception:
+        log.exception("socket failed", extra={"user_id": str(connection.user_id)})
+        raise
     finally:
         state.hub.remove(connection)
         OPEN_WEBSOCKETS.dec()
@@ -127,14 +140,26 @@ async def serve(socket: WebSocket[Any, Any, Any], connection: Connection, state:
             connection.offer(error_frame("invalid_frame"))
             continue
         if message.type == "ping":
-            await state.presence.touch(connection.user_id, connection.id)
+            await touch(state, connection)
             connection.offer(PONG)
         elif message.type == "resume":
             try:
                 after = max(0, int(str(message.data.get("last_event_id"))))
             except ValueError:
                 connection.offer(error_frame("invalid_event_id"))
-                continue
-            connection.offer(Resume(after))
+            else:
+                if connection.ready.is_set():
+                    connection.offer(Resume(after))
+                else:
+                    connection.resume_from = after
         else:  # rtc.offer and rtc.candidate arrive with calls
             connection.offer(error_frame("unsupported_type"))
+        connection.ready.set()
+
+
+async def touch(state: State, connection: Connection) -> None:
+    """Renew presence; a Redis hiccup must not cost the client its socket."""
+    try:
+        await state.presence.touch(connection.user_id, connection.id)
+    except Exception:
+        log.warning("presence not renewed", exc_info=True)

@@ -29,7 +29,10 @@ class Connection:
         self.id = uuid4().hex
         self.user_id = user_id
         self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=limit)  # events, raw frames, resumes
-        self.last_seq = 0
+        self.started_at = 0  # the stream position when the socket opened: later events are sent live
+        self.last_seq = 0  # the last position sent in order
+        self.resume_from: int | None = None  # what a first-frame resume asked for
+        self.ready = asyncio.Event()  # the client has said its first word
         self.overflowed = asyncio.Event()
 
     def offer(self, item: Any) -> None:
@@ -91,10 +94,12 @@ class RedisBus:
         self.redis = redis
 
     async def publish(self, raw: bytes) -> None:
-        try:
-            await self.redis.publish(CHANNEL, raw)
-        except Exception:  # the events are committed; sockets heal the gap from the database
-            log.warning("publish failed", exc_info=True)
+        for attempt in (1, 2):
+            try:
+                await self.redis.publish(CHANNEL, raw)
+                return
+            except Exception:  # committed already: a socket heals the gap at its next event or resume
+                log.warning("publish failed", exc_info=True, extra={"attempt": attempt})
 
     async def run(self, deliver: Callable[[bytes], None]) -> None:
         while True:

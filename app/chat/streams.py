@@ -49,12 +49,11 @@ async def append(session: AsyncSession, staged: Staged, recipients: set[UUID], t
     The upsert takes the stream rows in recipient order, so two writers never deadlock."""
     if not recipients:
         return
-    upsert = dialect_insert(session)
-    ordered = sorted(recipients)
-    statement = upsert(UserStream).values([{"user_id": r, "last_seq": 1} for r in ordered])
-    numbered = await session.execute(statement.on_conflict_do_update(
+    statement = dialect_insert(session)(UserStream).on_conflict_do_update(
         index_elements=[UserStream.user_id], set_={"last_seq": UserStream.last_seq + 1},
-    ).returning(UserStream.user_id, UserStream.last_seq))
+    ).returning(UserStream.user_id, UserStream.last_seq, sort_by_parameter_order=True)
+    # one statement for all rows (SQLAlchemy batches them), compiled once and cached whatever the count
+    numbered = await session.execute(statement, [{"user_id": r, "last_seq": 1} for r in sorted(recipients)])
     now = dt.datetime.now(dt.UTC)
     rows = []
     for recipient, seq in numbered.all():
@@ -68,8 +67,11 @@ async def last_seq(session: AsyncSession, user_id: UUID) -> int:
                                 .where(UserStream.user_id == user_id)) or 0
 
 
+PAGE = 1000
+
+
 async def after(session: AsyncSession, user_id: UUID, seq: int, up_to: int | None = None,
-                limit: int = 1000) -> list[Event]:
+                limit: int = PAGE) -> list[Event]:
     query = (select(UserEvent.seq, UserEvent.type, UserEvent.data)
              .where(UserEvent.recipient_id == user_id, UserEvent.seq > seq).order_by(UserEvent.seq).limit(limit))
     if up_to is not None:

@@ -42,22 +42,61 @@ async def test_each_user_has_their_own_numbering(test_settings: Settings) -> Non
     await database.dispose()
 
 
+async def sent_ids(socket: RecordingSocket, count: int) -> list[str | None]:
+    async with asyncio.timeout(10):
+        while len(socket.sent) < count:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)  # anything extra would show up now
+    return [json.loads(frame).get("id") for frame in socket.sent]
+
+
 async def test_a_gap_is_filled_from_the_database_and_duplicates_dropped(test_settings: Settings) -> None:
     database = Database(test_settings)
     user = uuid.uuid4()
     events = await written(database, {user}, 4)
     connection, socket = Connection(user, 100), RecordingSocket()
+    connection.ready.set()  # a fresh socket that does not resume
     sender = asyncio.create_task(forward(socket, connection, database))  # type: ignore[arg-type]
     connection.offer(events[2])  # 1 and 2 were never published here (a lost publish)
-    connection.offer(events[0])  # late duplicate
+    connection.offer(events[0])  # a late duplicate
     connection.offer(events[3])
-    connection.offer(Resume(0))  # the client asks again from the start
     connection.offer('{"type":"pong"}')
-    while len(socket.sent) < 9:
-        await asyncio.sleep(0.01)
+    assert await sent_ids(socket, 5) == ["1", "2", "3", "4", None]
     sender.cancel()
-    ids = [json.loads(frame).get("id") for frame in socket.sent]
-    assert ids == ["1", "2", "3", "4", "1", "2", "3", "4", None]
+    await database.dispose()
+
+
+async def test_a_first_frame_resume_is_replayed_before_live_events(test_settings: Settings) -> None:
+    database = Database(test_settings)
+    user = uuid.uuid4()
+    events = await written(database, {user}, 4)
+    connection, socket = Connection(user, 100), RecordingSocket()
+    connection.last_seq = connection.started_at = 4  # the socket opened after four events
+    sender = asyncio.create_task(forward(socket, connection, database))  # type: ignore[arg-type]
+    connection.offer(events[3])  # a live event that raced the client's resume
+    connection.resume_from = 1
+    connection.ready.set()
+    more = await written(database, {user}, 1)
+    connection.offer(more[0])
+    assert await sent_ids(socket, 4) == ["2", "3", "4", "5"]
+    sender.cancel()
+    await database.dispose()
+
+
+async def test_a_late_resume_sends_only_what_the_socket_never_had(test_settings: Settings) -> None:
+    database = Database(test_settings)
+    user = uuid.uuid4()
+    events = await written(database, {user}, 4)
+    connection, socket = Connection(user, 100), RecordingSocket()
+    connection.last_seq = connection.started_at = 2
+    connection.ready.set()
+    sender = asyncio.create_task(forward(socket, connection, database))  # type: ignore[arg-type]
+    connection.offer(events[2])
+    connection.offer(events[3])
+    assert await sent_ids(socket, 2) == ["3", "4"]
+    connection.offer(Resume(0))
+    assert await sent_ids(socket, 4) == ["3", "4", "1", "2"]  # once each; the older ones necessarily later
+    sender.cancel()
     await database.dispose()
 
 
