@@ -6,13 +6,14 @@ session publishes them once committed (app/db.py). No HTTP here.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
 import msgspec
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 from uuid_utils.compat import uuid7
@@ -46,23 +47,36 @@ def message_data(m: Message) -> dict[str, Any]:
 
 
 @dataclass(frozen=True, slots=True)
+class Window:
+    writable: bool
+    until: dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
 class Party:
-    conversation: Conversation
+    """A conversation's people and whether it takes messages: what every chat action needs, in one query."""
+
+    conversation_id: UUID
+    specialist_id: UUID
+    patient_id: UUID
     patient_login: UUID | None  # the patient, or None for a dependent (who has no login)
     guardian_id: UUID | None
+    window: Window
 
     @property
     def people(self) -> set[UUID]:
         """Everyone whose apps show this conversation."""
-        found = {self.conversation.specialist_id}
+        found = {self.specialist_id}
         found |= {p for p in (self.patient_login, self.guardian_id) if p is not None}
         return found
 
 
-@dataclass(frozen=True, slots=True)
-class Window:
-    writable: bool
-    until: dt.datetime | None
+PARTY = select(
+    Conversation.id, Conversation.specialist_id, Conversation.patient_id, Conversation.patient_has_login,
+    Conversation.guardian_id, Conversation.extended_until,
+    select(func.max(ChatWindow.ends_at)).where(ChatWindow.conversation_id == Conversation.id)
+    .scalar_subquery().label("planned_end"),
+).where(Conversation.id == bindparam("conversation_id"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +128,7 @@ class ChatService:
         gone = await self.session.execute(delete(ChatWindow).where(ChatWindow.consultation_id == consultation_id)
                                           .returning(ChatWindow.conversation_id))
         conversation_id = gone.scalar_one_or_none()
-        if conversation_id is not None and not (await self._window(conversation_id)).writable:
+        if conversation_id is not None and not (await self._party(conversation_id)).window.writable:
             await self._announce_window(conversation_id, "conversation.closed")
 
     async def extend(self, conversation_id: UUID, until: dt.datetime) -> Window:
@@ -128,7 +142,7 @@ class ChatService:
         text = f"Chat extended until {until.astimezone(dt.UTC).strftime('%Y-%m-%d %H:%M')} UTC"
         await self.post_system(conversation_id, text, "extended")
         await self._announce_window(conversation_id, "conversation.extended")
-        return await self._window(conversation_id)
+        return (await self._party(conversation_id)).window
 
     async def post_system(self, conversation_id: UUID, text: str, kind: str) -> Message:
         """A message from the clinic itself: a reminder, an extension, a missed call."""
@@ -136,47 +150,34 @@ class ChatService:
                           document_ids=[], client_id=f"system:{kind}:{uuid7()}")
         self.session.add(message)
         await self.session.flush()
-        party = await self._party(await self._conversation(conversation_id))
+        party = await self._party(conversation_id)
         await streams.append(self.session, self.staged, party.people, "message.new", message_data(message))
         return message
 
-    async def _window(self, conversation_id: UUID, extended: dt.datetime | None = None,
-                      known: bool = False) -> Window:
-        """Whether the conversation takes messages; pass its extended_until when already loaded."""
-        if not known:
-            extended = await self.session.scalar(select(Conversation.extended_until)
-                                                 .where(Conversation.id == conversation_id))
-        planned_end = await self.session.scalar(select(func.max(ChatWindow.ends_at))
-                                                .where(ChatWindow.conversation_id == conversation_id))
-        return window_of(extended, planned_end, utcnow())
-
     async def announce(self, conversation_id: UUID, type_: str, data: dict[str, Any]) -> None:
         """An event for everyone whose apps show this conversation (e.g. its consultation changed)."""
-        party = await self._party(await self._conversation(conversation_id))
+        party = await self._party(conversation_id)
         await streams.append(self.session, self.staged, party.people, type_, data)
 
     async def _announce_window(self, conversation_id: UUID, type_: str) -> None:
-        party = await self._party(await self._conversation(conversation_id))
-        window = await self._window(conversation_id)
+        party = await self._party(conversation_id)
+        window = party.window
         await streams.append(self.session, self.staged, party.people, type_, {
             "conversation_id": str(conversation_id), "writable": window.writable,
             "writable_until": window.until.isoformat() if window.until else None})
 
     # --- reading and writing --------------------------------------------------------------------
 
-    async def _conversation(self, conversation_id: UUID) -> Conversation:
-        conversation = await self.session.get(Conversation, conversation_id)
-        if conversation is None:
+    async def _party(self, conversation_id: UUID) -> Party:
+        row = (await self.session.execute(PARTY, {"conversation_id": conversation_id})).one_or_none()
+        if row is None:
             raise NotVisible("conversation not found")
-        return conversation
-
-    async def _party(self, conversation: Conversation) -> Party:
-        login = conversation.patient_id if conversation.patient_has_login else None
-        return Party(conversation, login, conversation.guardian_id)
+        return Party(row.id, row.specialist_id, row.patient_id, row.patient_id if row.patient_has_login else None,
+                     row.guardian_id, window_of(row.extended_until, row.planned_end, utcnow()))
 
     async def visible(self, viewer: Viewer, conversation_id: UUID) -> Party:
         """The conversation if the viewer is in it (the specialist, the patient, the patient's guardian)."""
-        party = await self._party(await self._conversation(conversation_id))
+        party = await self._party(conversation_id)
         if viewer.id not in party.people:
             raise NotVisible("conversation not found")
         return party
@@ -205,17 +206,19 @@ class ChatService:
                 Message.client_id == body.client_id))
             assert earlier is not None
             return earlier, False
-        if not (await self._window(conversation_id, party.conversation.extended_until, known=True)).writable:
+        if not party.window.writable:
             raise Conflict("the conversation is closed for writing", "conversation_closed")
-        wait = await self.limiter.hit(f"chat:send:{viewer.id}", self.settings.chat_sends_per_minute, 60)
+        people = party.people
+        others = sorted(people - {viewer.id})
+        wait, online = await asyncio.gather(  # two Redis round trips at once
+            self.limiter.hit(f"chat:send:{viewer.id}", self.settings.chat_sends_per_minute, 60),
+            self.presence.online(others))
         if wait:
             raise TooMany("too many messages: slow down", wait)
         message = Message(id=message_id, conversation_id=conversation_id, author_id=viewer.id, kind="text",
                           text=text, document_ids=[], client_id=body.client_id, created_at=now, updated_at=now)
-        people = party.people
         await streams.append(self.session, self.staged, people, "message.new", message_data(message))
-        others = sorted(people - {viewer.id})
-        away = set(others) - await self.presence.online(others)
+        away = set(others) - online
         if away:  # nobody there to see it live: a push (no text in it) goes out through the outbox
             outbox.stage(self.session, "push", message.id, sorted(str(u) for u in away),
                          {"type": "message.new", "ref": str(message.id), "conversation_id": str(conversation_id)})
