@@ -58,8 +58,12 @@ def demo(settings: Settings) -> None:
 
 
 def serve(settings: Settings) -> None:
+    workers = settings.workers
+    if workers > 1 and not settings.redis_url:  # the in-process bus cannot reach a sibling process's sockets
+        print("WORKERS > 1 needs REDIS_URL; serving with one worker", file=sys.stderr)
+        workers = 1
     print(f"Clinic API: http://{settings.host}:{settings.port}  (docs: /schema, health: /health/ready)", flush=True)
-    uvicorn.run("app.main:app_from_env", factory=True, host=settings.host, port=settings.port,
+    uvicorn.run("app.main:app_from_env", factory=True, host=settings.host, port=settings.port, workers=workers,
                 log_config=None, access_log=False, lifespan="on")
 
 

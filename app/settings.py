@@ -18,6 +18,7 @@ import msgspec
 class Settings(msgspec.Struct, kw_only=True, frozen=True):
     host: str = "127.0.0.1"
     port: int = 8000
+    workers: int = 1  # server processes on this machine; more than one needs Redis for realtime fan-out
     data_dir: str = "./var"
     database_url: str = ""  # empty: sqlite file under data_dir
     redis_url: str | None = None  # None: in-process pub/sub and rate limits
