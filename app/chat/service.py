@@ -195,11 +195,11 @@ class ChatService:
             raise Invalid("a message needs text or documents", "message_empty")
         message_id, now = uuid7(), utcnow()
         written = await self.session.execute(
-            dialect_insert(self.session)(Message).values(
+            dialect_insert(self.session)(Message.__table__).values(
                 id=message_id, conversation_id=conversation_id, author_id=viewer.id, kind="text", text=text,
                 document_ids=[], client_id=body.client_id, created_at=now, updated_at=now)
             .on_conflict_do_nothing(index_elements=["conversation_id", "author_id", "client_id"])
-            .returning(Message.id))
+            .returning(Message.__table__.c.id))
         if written.scalar_one_or_none() is None:  # a retry: the first copy stands, nothing is announced again
             earlier = await self.session.scalar(select(Message).where(
                 Message.conversation_id == conversation_id, Message.author_id == viewer.id,

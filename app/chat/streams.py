@@ -13,7 +13,7 @@ from typing import Any
 from uuid import UUID
 
 import msgspec
-from sqlalchemy import func, insert, select
+from sqlalchemy import Table, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.chat.models import UserEvent, UserStream
@@ -42,6 +42,11 @@ def decode(raw: bytes) -> list[Event]:
     return [Event(UUID(r), seq, type_, data) for r, seq, type_, data in msgspec.json.decode(raw)]
 
 
+PAGE = 1000
+STREAMS: Table = UserStream.__table__  # type: ignore[assignment]
+EVENTS: Table = UserEvent.__table__  # type: ignore[assignment]
+
+
 async def append(session: AsyncSession, staged: Staged, recipients: set[UUID], type_: str,
                  data: dict[str, Any]) -> None:
     """Add one event to each recipient's stream: two statements whatever the number of recipients.
@@ -49,9 +54,11 @@ async def append(session: AsyncSession, staged: Staged, recipients: set[UUID], t
     The upsert takes the stream rows in recipient order, so two writers never deadlock."""
     if not recipients:
         return
-    statement = dialect_insert(session)(UserStream).on_conflict_do_update(
-        index_elements=[UserStream.user_id], set_={"last_seq": UserStream.last_seq + 1},
-    ).returning(UserStream.user_id, UserStream.last_seq, sort_by_parameter_order=True)
+    # Core statements on the tables: the ORM's bulk-insert machinery costs more than the database here
+    stream = STREAMS
+    statement = dialect_insert(session)(stream).on_conflict_do_update(
+        index_elements=[stream.c.user_id], set_={"last_seq": stream.c.last_seq + 1},
+    ).returning(stream.c.user_id, stream.c.last_seq, sort_by_parameter_order=True)
     # one statement for all rows (SQLAlchemy batches them), compiled once and cached whatever the count
     numbered = await session.execute(statement, [{"user_id": r, "last_seq": 1} for r in sorted(recipients)])
     now = dt.datetime.now(dt.UTC)
@@ -59,15 +66,13 @@ async def append(session: AsyncSession, staged: Staged, recipients: set[UUID], t
     for recipient, seq in numbered.all():
         rows.append({"recipient_id": recipient, "seq": seq, "type": type_, "data": data, "created_at": now})
         staged.events.append(Event(recipient, seq, type_, data))
-    await session.execute(insert(UserEvent), rows)
+    await session.execute(insert(EVENTS), rows)
 
 
 async def last_seq(session: AsyncSession, user_id: UUID) -> int:
     return await session.scalar(select(func.coalesce(func.max(UserStream.last_seq), 0))
                                 .where(UserStream.user_id == user_id)) or 0
 
-
-PAGE = 1000
 
 
 async def after(session: AsyncSession, user_id: UUID, seq: int, up_to: int | None = None,
