@@ -97,6 +97,8 @@ async def realtime(socket: WebSocket[Any, Any, Any], state: State) -> None:
         await touch(state, connection)
         sender = asyncio.create_task(forward(socket, connection, database))
         await serve(socket, connection, state, sender)
+    except WebSocketDisconnect:
+        pass  # the client left
     except Exception:
         log.exception("socket failed", extra={"user_id": str(connection.user_id)})
         raise
