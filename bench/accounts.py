@@ -27,7 +27,6 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -57,9 +56,9 @@ from bench.common import (
     known,
     latency_summary,
     proc_memory_mib,
+    run_benchmark,
     server_log_lines,
     start_server,
-    stop_on_sigterm,
     stop_server,
     tail,
     wait_ready,
@@ -310,19 +309,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    missing = [v for v in ("TEST_POSTGRES_URL", "TEST_REDIS_URL", "TEST_S3_ENDPOINT_URL", "TEST_S3_ACCESS_KEY",
-                           "TEST_S3_SECRET_KEY") if v not in os.environ]
-    if missing:
-        print(f"missing {', '.join(missing)}: run under `python -m tests.harness`", file=sys.stderr)
+    outcome = run_benchmark(lambda tmp, loop: run(args, tmp, loop))
+    if outcome is None:
         return 2
-    try:
-        import uvloop
-    except ImportError:
-        uvloop = None  # type: ignore[assignment]
-    signal.signal(signal.SIGTERM, stop_on_sigterm)  # so the finally blocks stop the server
-    with tempfile.TemporaryDirectory(prefix="clinic-bench-") as tmp:
-        coro = run(args, Path(tmp), "uvloop" if uvloop else "asyncio")
-        result, failed = uvloop.run(coro) if uvloop else asyncio.run(coro)
+    result, failed = outcome
     print_table(result)
     print(msgspec.json.encode(result).decode(), flush=True)
     if failed:

@@ -42,7 +42,6 @@ import resource
 import secrets
 import signal
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -74,11 +73,10 @@ from bench.common import (
     free_port,
     known,
     latency_summary,
-    missing_harness_variables,
     pg_dsn,
     proc_memory_mib,
+    run_benchmark,
     start_server,
-    stop_on_sigterm,
     stop_server,
     tail,
     wait_ready,
@@ -758,24 +756,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    missing = missing_harness_variables()
-    if missing:
-        print(f"missing {', '.join(missing)}: run under `python -m tests.harness`", file=sys.stderr)
-        return 2
-    try:
-        import uvloop
-    except ImportError:
-        uvloop = None  # type: ignore[assignment]
     raise_fd_limit(2 * args.clients + args.connections + 1024)
-    signal.signal(signal.SIGTERM, stop_on_sigterm)  # so the finally blocks stop the server
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="clinic-bench-") as tmp:
-        coro = run(args, Path(tmp), "uvloop" if uvloop else "asyncio")
-        try:
-            result, failed = uvloop.run(coro) if uvloop else asyncio.run(coro)
-        except RuntimeError as exc:  # the setup or the server failed: said plainly, the server already stopped
-            print(f"FAILED: {exc}", file=sys.stderr)
-            return 1
+    try:
+        outcome = run_benchmark(lambda tmp, loop: run(args, tmp, loop))
+    except RuntimeError as exc:  # the setup or the server failed: said plainly, the server already stopped
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return 1
+    if outcome is None:
+        return 2
+    result, failed = outcome
     result["total_s"] = round(time.monotonic() - started, 1)
     print_table(result)
     print(f"total run time {result['total_s']} s")

@@ -18,9 +18,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -539,3 +540,21 @@ def create_admin(database_url: str, tmp: Path, port: int, extra: dict[str, str],
         raise RuntimeError(f"create-admin failed ({done.returncode}): "
                            f"{(done.stdout + done.stderr).decode(errors='replace')[-2000:]}")
 
+
+
+def run_benchmark(run: Callable[[Path, str], Coroutine[Any, Any, Any]]) -> Any | None:
+    """The shared frame of every benchmark's main: the harness's variables, uvloop when installed, a
+    SIGTERM that still stops the server, a temp dir; returns what `run(tmp, loop_name)` returns, or None
+    (after saying why) when not run under `python -m tests.harness`."""
+    missing = missing_harness_variables()
+    if missing:
+        print(f"missing {', '.join(missing)}: run under `python -m tests.harness`", file=sys.stderr)
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        uvloop = None  # type: ignore[assignment]
+    signal.signal(signal.SIGTERM, stop_on_sigterm)  # so the finally blocks stop the server
+    with tempfile.TemporaryDirectory(prefix="clinic-bench-") as tmp:
+        coro = run(Path(tmp), "uvloop" if uvloop else "asyncio")
+        return uvloop.run(coro) if uvloop else asyncio.run(coro)

@@ -34,7 +34,6 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -64,13 +63,12 @@ from bench.common import (
     find_redis_pid,
     free_port,
     latency_summary,
-    missing_harness_variables,
     pg_dsn,
     proc_memory_mib,
+    run_benchmark,
     server_log_lines,
     sign_in,
     start_server,
-    stop_on_sigterm,
     stop_server,
     tail,
     wait_ready,
@@ -573,18 +571,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    missing = missing_harness_variables()
-    if missing:
-        print(f"missing {', '.join(missing)}: run under `python -m tests.harness`", file=sys.stderr)
+    result = run_benchmark(lambda tmp, loop: run(args, tmp, loop))
+    if result is None:
         return 2
-    try:
-        import uvloop
-    except ImportError:
-        uvloop = None  # type: ignore[assignment]
-    signal.signal(signal.SIGTERM, stop_on_sigterm)  # so the finally blocks stop the server
-    with tempfile.TemporaryDirectory(prefix="clinic-bench-") as tmp:
-        coro = run(args, Path(tmp), "uvloop" if uvloop else "asyncio")
-        result = uvloop.run(coro) if uvloop else asyncio.run(coro)
     print_table(result)
     print(msgspec.json.encode(result).decode(), flush=True)
     failed = [name for name, ok in result["checks"].items() if not ok]
