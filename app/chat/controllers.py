@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 from uuid import UUID
 
-from litestar import Controller, Request, Response, get, post
+from litestar import Controller, Request, Response, delete, get, patch, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, FromQuery, JSONBody, Parameter
@@ -15,7 +15,7 @@ from app import access
 from app.access import Viewer, signed_in
 from app.accounts.service import AccountService
 from app.chat.models import Message
-from app.chat.schemas import ChatRowOut, LastMessage, MessageIn, MessageOut, ReadIn
+from app.chat.schemas import ChatRowOut, EditIn, LastMessage, MessageIn, MessageOut, ReadIn
 from app.chat.service import ChatService, Row, message_out
 from app.consultations.controllers import provide_consultations
 from app.consultations.service import ConsultationService
@@ -82,6 +82,17 @@ class ChatController(Controller):
                            conversation_id: FromPath[UUID], data: JSONBody[MessageIn]) -> Response[MessageOut]:
         message, created = await chat.send(request.user, conversation_id, data)
         return Response(message_out(message), status_code=201 if created else 200)
+
+    @patch("/{conversation_id:uuid}/messages/{message_id:uuid}", guards=[signed_in])
+    async def edit_message(self, request: Request[Viewer, Any, Any], chat: NamedDependency[ChatService],
+                           conversation_id: FromPath[UUID], message_id: FromPath[UUID],
+                           data: JSONBody[EditIn]) -> MessageOut:
+        return message_out(await chat.revise(request.user, conversation_id, message_id, data.text))
+
+    @delete("/{conversation_id:uuid}/messages/{message_id:uuid}", status_code=200, guards=[signed_in])
+    async def delete_message(self, request: Request[Viewer, Any, Any], chat: NamedDependency[ChatService],
+                             conversation_id: FromPath[UUID], message_id: FromPath[UUID]) -> MessageOut:
+        return message_out(await chat.revise(request.user, conversation_id, message_id, None))
 
     @post("/{conversation_id:uuid}/read", status_code=204, guards=[signed_in])
     async def mark_read(self, request: Request[Viewer, Any, Any], chat: NamedDependency[ChatService],

@@ -53,6 +53,8 @@ class Message(Base):
     text: Mapped[str] = mapped_column(Text, default="")
     document_ids: Mapped[list[str]] = mapped_column(JsonDoc, default=list)
     client_id: Mapped[str] = mapped_column(String(64))
+    edited_at: Mapped[dt.datetime | None] = mapped_column(DateTimeUTC(timezone=True))
+    deleted_at: Mapped[dt.datetime | None] = mapped_column(DateTimeUTC(timezone=True))  # text and files gone
 
 
 class ReadMark(Base):

@@ -30,6 +30,12 @@ class MessageOut(Out):
     document_ids: list[str]
     client_id: str
     created_at: dt.datetime
+    edited_at: dt.datetime | None = None
+    deleted: bool = False
+
+
+class EditIn(Wire):
+    text: Annotated[str, Meta(min_length=1, max_length=4000)]
 
 
 class ReadIn(Wire):

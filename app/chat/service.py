@@ -26,7 +26,7 @@ from app.chat.hub import Presence
 from app.chat.models import ChatWindow, Conversation, Message, ReadMark
 from app.chat.schemas import MessageIn, MessageOut
 from app.db import dialect_insert, insert_ignoring_duplicates
-from app.errors import Conflict, Invalid, NotVisible, TooMany
+from app.errors import Conflict, Forbidden, Invalid, NotVisible, TooMany
 from app.limits import RateLimiter
 from app.settings import Settings
 
@@ -37,7 +37,8 @@ def utcnow() -> dt.datetime:
 
 def message_out(m: Message) -> MessageOut:
     return MessageOut(id=m.id, conversation_id=m.conversation_id, author_id=m.author_id, kind=m.kind, text=m.text,
-                      document_ids=list(m.document_ids), client_id=m.client_id, created_at=m.created_at)
+                      document_ids=list(m.document_ids), client_id=m.client_id, created_at=m.created_at,
+                      edited_at=m.edited_at, deleted=m.deleted_at is not None)
 
 
 def message_data(m: Message) -> dict[str, Any]:
@@ -223,6 +224,31 @@ class ChatService:
             outbox.stage(self.session, "push", message.id, sorted(str(u) for u in away),
                          {"type": "message.new", "ref": str(message.id), "conversation_id": str(conversation_id)})
         return message, True
+
+    async def revise(self, viewer: Viewer, conversation_id: UUID, message_id: UUID, text: str | None) -> Message:
+        """Edit (text) or delete (None) one's own message, shortly after sending it, while the chat is open."""
+        party = await self.visible(viewer, conversation_id)
+        message = await self.session.get(Message, message_id)
+        if message is None or message.conversation_id != conversation_id:
+            raise NotVisible("message not found")
+        if message.author_id != viewer.id:
+            raise Forbidden("only the author changes a message", "not_author")
+        if message.deleted_at is not None:
+            raise Conflict("the message was deleted", "message_deleted")
+        now = utcnow()
+        if now - message.created_at > dt.timedelta(seconds=self.settings.chat_edit_seconds):
+            raise Conflict("too late to change this message", "edit_window_over")
+        if not party.window.writable:
+            raise Conflict("the conversation is closed for writing", "conversation_closed")
+        if text is None:
+            message.text, message.document_ids, message.deleted_at = "", [], now
+        else:
+            if not text.strip():
+                raise Invalid("a message needs text", "message_empty")
+            message.text, message.edited_at = text.strip(), now
+        await self.session.flush()
+        await streams.append(self.session, self.staged, party.people, "message.updated", message_data(message))
+        return message
 
     async def history(self, viewer: Viewer, conversation_id: UUID, before: UUID | None, after: UUID | None,
                       limit: int) -> list[Message]:

@@ -74,6 +74,8 @@ def upgrade() -> None:
     sa.Column('text', sa.Text(), nullable=False),
     sa.Column('document_ids', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
     sa.Column('client_id', sa.String(length=64), nullable=False),
+    sa.Column('edited_at', DateTimeUTC(timezone=True), nullable=True),
+    sa.Column('deleted_at', DateTimeUTC(timezone=True), nullable=True),
     sa.Column('sa_orm_sentinel', sa.Integer(), nullable=True),
     sa.Column('created_at', DateTimeUTC(timezone=True), nullable=False),
     sa.Column('updated_at', DateTimeUTC(timezone=True), nullable=False),

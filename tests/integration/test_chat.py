@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 from litestar.testing import AsyncTestClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.chat.models import Message, UserEvent
@@ -256,3 +256,39 @@ async def test_sending_is_rate_limited(
     assert statuses[:3] == [201, 201, 201]
     assert limited.status_code == 429
     assert int(limited.headers["retry-after"]) > 0
+
+
+async def test_authors_edit_and_delete_shortly_after_sending(
+    client: AsyncTestClient[Any], specialist: Callable[..., Any], service: Callable[..., Any], patient: Session,
+    book: Callable[..., Any], staff: Callable[..., Any], session_maker: async_sessionmaker[AsyncSession],
+) -> None:
+    doctor, visit_type = await specialist(), await service()
+    visit = await confirmed_visit(client, book, staff, patient, doctor, visit_type)
+    url = f"/api/v1/chats/{visit['conversation_id']}/messages"
+    typo = (await send(client, patient, visit["conversation_id"], "my sugar is 99")).json()
+    oops = (await send(client, patient, visit["conversation_id"], "wrong chat, sorry")).json()
+    edited = await client.patch(f"{url}/{typo['id']}", headers=patient.headers, json={"text": "my sugar is 9.9"})
+    assert edited.status_code == 200, edited.text
+    assert (edited.json()["text"], edited.json()["deleted"]) == ("my sugar is 9.9", False)
+    assert edited.json()["edited_at"] is not None
+    assert (await client.patch(f"{url}/{typo['id']}", headers=doctor.headers,
+                               json={"text": "no"})).json()["extra"]["reason"] == "not_author"
+    gone = await client.delete(f"{url}/{oops['id']}", headers=patient.headers)
+    assert gone.status_code == 200
+    assert (gone.json()["text"], gone.json()["deleted"]) == ("", True)
+    again = await client.patch(f"{url}/{oops['id']}", headers=patient.headers, json={"text": "back"})
+    assert again.json()["extra"]["reason"] == "message_deleted"
+    history = (await client.get(url, headers=doctor.headers)).json()["items"]
+    assert [(m["text"], m["deleted"]) for m in history] == [("my sugar is 9.9", False), ("", True)]
+    async with session_maker() as session:
+        updates = (await session.scalars(select(UserEvent).where(
+            UserEvent.recipient_id == doctor.id, UserEvent.type == "message.updated").order_by(UserEvent.seq))).all()
+        assert [u.data["id"] for u in updates] == [typo["id"], oops["id"]]
+        await session.execute(update(Message).where(Message.id == uuid.UUID(typo["id"]))
+                              .values(created_at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)))
+        await session.commit()
+    late = await client.patch(f"{url}/{typo['id']}", headers=patient.headers, json={"text": "later"})
+    assert late.status_code == 409
+    assert late.json()["extra"]["reason"] == "edit_window_over"
+    stranger_view = await client.delete(f"{url}/{typo['id']}", headers=(await staff("registrar")).headers)
+    assert stranger_view.status_code == 404
