@@ -33,12 +33,13 @@ from app.accounts.schemas import (
 from app.accounts.service import AccountService, Login, Me
 from app.errors import Invalid
 from app.schemas import Page
+from app.services import accounts_for
 
 Limit = Annotated[int, Parameter(ge=1, le=100, description="page size")]
 
 
 async def provide_accounts(db_session: NamedDependency[AsyncSession], state: State) -> AccountService:
-    return AccountService(db_session, state.settings, state.tokens, state.limiter, state.sms)
+    return accounts_for(db_session, state)
 
 
 def user_out(user: User) -> UserOut:

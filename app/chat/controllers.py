@@ -13,20 +13,19 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import access
 from app.access import Viewer, signed_in
-from app.accounts.service import AccountService
 from app.chat.models import Message
 from app.chat.schemas import ChatRowOut, EditIn, LastMessage, MessageIn, MessageOut, ReadIn
 from app.chat.service import ChatService, Row, message_out
 from app.consultations.controllers import provide_consultations
 from app.consultations.service import ConsultationService
 from app.schemas import Page
+from app.services import chat_for
 
 Limit = Annotated[int, Parameter(ge=1, le=200)]
 
 
 async def provide_chat(db_session: NamedDependency[AsyncSession], state: State) -> ChatService:
-    accounts = AccountService(db_session, state.settings, state.tokens, state.limiter, state.sms)
-    return ChatService(db_session, state.settings, accounts, state.limiter, state.presence)
+    return chat_for(db_session, state)
 
 
 def last_out(m: Message | None) -> LastMessage | None:

@@ -15,9 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app import timeparams
 from app.access import ADMINS, BOOKERS_FOR_OTHERS, PATIENTS, SPECIALIST_ROLES, Viewer, require_roles, signed_in
 from app.accounts.controllers import parse_cursor
-from app.accounts.service import AccountService
 from app.chat.schemas import ConversationOut, ExtendIn
-from app.chat.service import ChatService
 from app.consultations.models import AnalysisOrder, Conclusion, Consultation, Rating
 from app.consultations.schemas import (
     AnalysisOrderOut,
@@ -36,18 +34,15 @@ from app.consultations.schemas import (
 )
 from app.consultations.service import ConsultationService
 from app.errors import Invalid
-from app.scheduling.service import SchedulingService
 from app.schemas import Page
+from app.services import consultations_for
 
 Limit = Annotated[int, Parameter(ge=1, le=500)]
 BRIEF_FIELDS = ("id", "full_name", "initials", "age", "is_dependent")
 
 
 async def provide_consultations(db_session: NamedDependency[AsyncSession], state: State) -> ConsultationService:
-    accounts = AccountService(db_session, state.settings, state.tokens, state.limiter, state.sms)
-    chat = ChatService(db_session, state.settings, accounts, state.limiter, state.presence)
-    return ConsultationService(db_session, state.settings, accounts, SchedulingService(db_session, state.settings),
-                               chat)
+    return consultations_for(db_session, state)
 
 
 def brief(card: dict[str, Any] | None) -> PatientBrief | None:

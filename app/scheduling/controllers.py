@@ -32,6 +32,7 @@ from app.scheduling.schemas import (
 )
 from app.scheduling.service import FeedCache, SchedulingService
 from app.schemas import Page
+from app.services import accounts_for, scheduling_for
 from app.specialties import TITLES, Specialty
 
 Limit = Annotated[int, Parameter(ge=1, le=100)]
@@ -39,7 +40,7 @@ SCHEDULERS = (Role.ADMIN, Role.REGISTRAR)
 
 
 async def provide_scheduling(db_session: NamedDependency[AsyncSession], state: State) -> SchedulingService:
-    return SchedulingService(db_session, state.settings)
+    return scheduling_for(db_session, state)
 
 
 DEPENDENCIES = {"scheduling": Provide(provide_scheduling), "accounts": Provide(provide_accounts)}
@@ -136,9 +137,8 @@ class CatalogueController(Controller):
         if cached is None:
             start, end = timeparams.time_range(from_, to, timeparams.zone(state.settings.clinic_timezone))
             async with state.database.reader() as session:
-                accounts = AccountService(session, state.settings, state.tokens, state.limiter, state.sms)
-                specialists = {u.id: list(u.specialties) for u in await accounts.specialists()}
-                body = await SchedulingService(session, state.settings).feed(specialty, start, end, specialists)
+                specialists = {u.id: list(u.specialties) for u in await accounts_for(session, state).specialists()}
+                body = await scheduling_for(session, state).feed(specialty, start, end, specialists)
             cached = body, cache.put(key, body)
         body, etag = cached
         headers = {"ETag": etag, "Cache-Control": f"public, max-age={int(cache.seconds)}"}

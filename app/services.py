@@ -1,0 +1,30 @@
+"""The one place services are assembled from a session and the app's shared state (providers call these)."""
+
+from __future__ import annotations
+
+from litestar.datastructures import State
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.accounts.service import AccountService
+from app.chat.service import ChatService
+from app.consultations.service import ConsultationService
+from app.scheduling.service import SchedulingService
+
+
+def accounts_for(session: AsyncSession, state: State) -> AccountService:
+    return AccountService(session, state.settings, state.tokens, state.limiter, state.sms)
+
+
+def scheduling_for(session: AsyncSession, state: State) -> SchedulingService:
+    return SchedulingService(session, state.settings)
+
+
+def chat_for(session: AsyncSession, state: State, accounts: AccountService | None = None) -> ChatService:
+    return ChatService(session, state.settings, accounts or accounts_for(session, state), state.limiter,
+                       state.presence)
+
+
+def consultations_for(session: AsyncSession, state: State) -> ConsultationService:
+    accounts = accounts_for(session, state)
+    return ConsultationService(session, state.settings, accounts, scheduling_for(session, state),
+                               chat_for(session, state, accounts))
