@@ -182,10 +182,11 @@ class ConsultationController(Controller):
     @post("/{consultation_id:uuid}/chat/extend", status_code=200, guards=[require_roles(*SPECIALIST_ROLES)])
     async def extend_chat(self, request: Request[Viewer, Any, Any], consultations: NamedDependency[ConsultationService],
                           consultation_id: FromPath[UUID], data: JSONBody[ExtendIn]) -> ConversationOut:
-        conversation_id, window = await consultations.extend_chat(request.user, consultation_id, data.until)
-        visit, _ = await consultations.visible(request.user, consultation_id)
-        return ConversationOut(id=conversation_id, patient_id=visit.patient_id, specialist_id=visit.specialist_id,
-                               writable=window.writable, writable_until=window.until)
+        visit, window = await consultations.extend_chat(request.user, consultation_id, data.until)
+        assert visit.conversation_id is not None  # the service refuses a consultation without one
+        return ConversationOut(id=visit.conversation_id, patient_id=visit.patient_id,
+                               specialist_id=visit.specialist_id, writable=window.writable,
+                               writable_until=window.until)
 
     @post("/{consultation_id:uuid}/rating", status_code=201, guards=[require_roles(*PATIENTS)])
     async def rate_consultation(self, request: Request[Viewer, Any, Any],

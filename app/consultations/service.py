@@ -243,11 +243,12 @@ class ConsultationService:
         if visit.conversation_id is not None:
             await self.chat.announce(visit.conversation_id, "consultation.updated", data)
 
-    async def extend_chat(self, viewer: Viewer, consultation_id: UUID, until: dt.datetime) -> tuple[UUID, Window]:
+    async def extend_chat(self, viewer: Viewer, consultation_id: UUID,
+                          until: dt.datetime) -> tuple[Consultation, Window]:
         visit, party = await self.visible(viewer, consultation_id)
         if not party.is_specialist or visit.conversation_id is None:
             raise Forbidden("only the consultation's specialist extends its chat", "not_allowed")
-        return visit.conversation_id, await self.chat.extend(visit.conversation_id, until)
+        return visit, await self.chat.extend(visit.conversation_id, until)
 
     async def active_for_specialist(self, viewer: Viewer) -> list[Consultation]:
         return list((await self.session.scalars(
