@@ -13,32 +13,58 @@ class RateLimiter(Protocol):
     async def hit(self, key: str, limit: int, window_seconds: int) -> int:
         """Count one event; 0 when allowed, else the seconds until the window frees."""
 
+    async def hit_many(self, keys: list[str], limit: int, window_seconds: int) -> list[int]:
+        """Count one event per key (a key may repeat), in order; hit's answer for each."""
+
 
 class InProcessLimiter:
     def __init__(self) -> None:
         self._windows: dict[str, tuple[float, int]] = {}
 
     async def hit(self, key: str, limit: int, window_seconds: int) -> int:
+        return (await self.hit_many([key], limit, window_seconds))[0]
+
+    async def hit_many(self, keys: list[str], limit: int, window_seconds: int) -> list[int]:
         now = time.monotonic()
         if len(self._windows) > 100_000:  # forget finished windows so memory stays bounded
             self._windows = {k: v for k, v in self._windows.items() if v[0] > now}
-        ends, count = self._windows.get(key, (0.0, 0))
-        if ends <= now:
-            ends, count = now + window_seconds, 0
-        count += 1
-        self._windows[key] = (ends, count)
-        return 0 if count <= limit else max(1, math.ceil(ends - now))
+        waits = []
+        for key in keys:
+            ends, count = self._windows.get(key, (0.0, 0))
+            if ends <= now:
+                ends, count = now + window_seconds, 0
+            count += 1
+            self._windows[key] = (ends, count)
+            waits.append(0 if count <= limit else max(1, math.ceil(ends - now)))
+        return waits
+
+
+# Each key: count, start its window on the first count, answer 0 or the seconds left. One round trip for
+# any number of keys, and atomic: no window is left without its expiry.
+HIT_SCRIPT = """
+local waits = {}
+for i, key in ipairs(KEYS) do
+  local count = redis.call('INCR', key)
+  local ttl = redis.call('TTL', key)
+  if ttl < 0 then
+    redis.call('EXPIRE', key, ARGV[2])
+    ttl = tonumber(ARGV[2])
+  end
+  if count > tonumber(ARGV[1]) then waits[i] = math.max(ttl, 1) else waits[i] = 0 end
+end
+return waits
+"""
 
 
 class RedisLimiter:
     def __init__(self, redis: Redis) -> None:
-        self._redis = redis
+        self._script = redis.register_script(HIT_SCRIPT)
 
     async def hit(self, key: str, limit: int, window_seconds: int) -> int:
-        name = f"limit:{key}"
-        async with self._redis.pipeline(transaction=True) as pipe:  # one round trip
-            pipe.incr(name)
-            pipe.expire(name, window_seconds, nx=True)
-            pipe.ttl(name)
-            count, _, ttl = await pipe.execute()
-        return 0 if int(count) <= limit else max(1, int(ttl))
+        return (await self.hit_many([key], limit, window_seconds))[0]
+
+    async def hit_many(self, keys: list[str], limit: int, window_seconds: int) -> list[int]:
+        if not keys:
+            return []
+        waits = await self._script(keys=[f"limit:{k}" for k in keys], args=[limit, window_seconds])
+        return [int(w) for w in waits]

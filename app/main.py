@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -29,6 +30,7 @@ from app.auth import TokenAuthMiddleware
 from app.chat.controllers import ChatController
 from app.chat.gateway import realtime
 from app.chat.hub import Bus, Hub, InProcessBus, InProcessPresence, RedisBus, RedisPresence
+from app.chat.sending import SendQueue
 from app.consultations.controllers import CareController, ConsultationController
 from app.db import Database, provide_db_session
 from app.documents.storage import STORE_ERRORS, S3Store, object_store
@@ -39,6 +41,7 @@ from app.notifications.sms import sms_sender
 from app.observability import configure_logging, metrics_text, request_id_middleware
 from app.scheduling.controllers import CatalogueController
 from app.scheduling.service import FeedCache, SchedulingService
+from app.services import chat_for
 from app.settings import Settings, settings_from_env
 
 log = logging.getLogger("app")
@@ -98,9 +101,15 @@ def create_app(settings: Settings) -> Litestar:
         gc.set_threshold(50_000, 50, 100)
         horizons = asyncio.create_task(keep_slot_horizons(database, settings))
         listener = asyncio.create_task(bus.run(hub.deliver))
+        sends = SendQueue(database, lambda session: chat_for(session, app.state), bus, settings.chat_send_writers)
+        app.state.sends = sends
+        writers = asyncio.create_task(sends.run())
         try:
             yield
         finally:
+            writers.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writers  # the sends in flight are answered before the database goes
             horizons.cancel()
             listener.cancel()
             await sms.aclose()

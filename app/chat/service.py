@@ -26,7 +26,7 @@ from app.chat.hub import Presence
 from app.chat.models import ChatWindow, Conversation, Message, ReadMark
 from app.chat.schemas import MessageIn, MessageOut
 from app.db import dialect_insert, insert_ignoring_duplicates
-from app.errors import Conflict, Forbidden, Invalid, NotVisible, TooMany
+from app.errors import Conflict, DomainError, Forbidden, Invalid, NotVisible, TooMany
 from app.limits import RateLimiter
 from app.settings import Settings
 
@@ -72,12 +72,35 @@ class Party:
         return found
 
 
-PARTY = select(
+PARTIES = select(
     Conversation.id, Conversation.specialist_id, Conversation.patient_id, Conversation.patient_has_login,
     Conversation.guardian_id, Conversation.extended_until,
     select(func.max(ChatWindow.ends_at)).where(ChatWindow.conversation_id == Conversation.id)
     .scalar_subquery().label("planned_end"),
-).where(Conversation.id == bindparam("conversation_id"))
+).where(Conversation.id.in_(bindparam("ids", expanding=True)))
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """One person's message on its way in, already checked for shape (see MessageIn)."""
+
+    author_id: UUID
+    conversation_id: UUID
+    text: str
+    client_id: str
+
+
+Sent = tuple[MessageOut, bool]  # the message as answered, and whether this send wrote it
+
+
+def outgoing(viewer: Viewer, conversation_id: UUID, body: MessageIn) -> Send:
+    """What a send asks for, once its body makes sense on its own."""
+    if body.document_ids:  # documents arrive with the documents feature; until then none exist
+        raise Invalid("unknown document", "document_unknown")
+    text = (body.text or "").strip()
+    if not text:
+        raise Invalid("a message needs text or documents", "message_empty")
+    return Send(viewer.id, conversation_id, text, body.client_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,11 +193,17 @@ class ChatService:
     # --- reading and writing --------------------------------------------------------------------
 
     async def _party(self, conversation_id: UUID) -> Party:
-        row = (await self.session.execute(PARTY, {"conversation_id": conversation_id})).one_or_none()
-        if row is None:
+        party = (await self._parties({conversation_id})).get(conversation_id)
+        if party is None:
             raise NotVisible("conversation not found")
-        return Party(row.id, row.specialist_id, row.patient_id, row.patient_id if row.patient_has_login else None,
-                     row.guardian_id, window_of(row.extended_until, row.planned_end, utcnow()))
+        return party
+
+    async def _parties(self, conversation_ids: set[UUID]) -> dict[UUID, Party]:
+        now = utcnow()
+        rows = await self.session.execute(PARTIES, {"ids": sorted(conversation_ids)})
+        return {row.id: Party(row.id, row.specialist_id, row.patient_id,
+                              row.patient_id if row.patient_has_login else None, row.guardian_id,
+                              window_of(row.extended_until, row.planned_end, now)) for row in rows}
 
     async def visible(self, viewer: Viewer, conversation_id: UUID) -> Party:
         """The conversation if the viewer is in it (the specialist, the patient, the patient's guardian)."""
@@ -183,47 +212,95 @@ class ChatService:
             raise NotVisible("conversation not found")
         return party
 
-    async def send(self, viewer: Viewer, conversation_id: UUID, body: MessageIn) -> tuple[Message, bool]:
-        """(message, created). A retry with the same client_id answers the first message and writes nothing.
+    async def send_many(self, sends: list[Send]) -> list[Sent | DomainError]:
+        """Write several people's messages at once, each answered as if it were alone: (message, created) or
+        the refusal. A retry with the same client_id answers the first copy and writes nothing.
 
-        The message is written first and the checks follow: a refusal rolls it back with the transaction,
-        and the common case costs one statement fewer than looking for a retry before writing."""
-        party = await self.visible(viewer, conversation_id)
-        if body.document_ids:  # documents arrive with the documents feature; until then none exist
-            raise Invalid("unknown document", "document_unknown")
-        text = (body.text or "").strip()
-        if not text:
-            raise Invalid("a message needs text or documents", "message_empty")
-        message_id, now = uuid7(), utcnow()
+        Every message is written first and the checks follow; one refused is deleted again inside the
+        transaction. So the common case costs no look-up for retries, and the whole batch costs the same
+        few statements and two Redis round trips whatever its size."""
+        outcomes: list[Sent | DomainError | None] = [None] * len(sends)
+        parties = await self._parties({s.conversation_id for s in sends})
+        firsts: dict[tuple[UUID, UUID, str], int] = {}  # the same send twice in one batch: one write
+        twins: dict[int, int] = {}
+        rows: dict[UUID, tuple[int, MessageOut]] = {}
+        now = utcnow()
+        for i, send in enumerate(sends):
+            party = parties.get(send.conversation_id)
+            if party is None or send.author_id not in party.people:
+                outcomes[i] = NotVisible("conversation not found")
+                continue
+            key = (send.conversation_id, send.author_id, send.client_id)
+            if key in firsts:
+                twins[i] = firsts[key]
+                continue
+            firsts[key] = i
+            message = MessageOut(id=uuid7(), conversation_id=send.conversation_id, author_id=send.author_id,
+                                 kind="text", text=send.text, document_ids=[], client_id=send.client_id,
+                                 created_at=now)
+            rows[message.id] = (i, message)
+        created = await self._insert_messages([m for _, m in rows.values()], now)
+        retried = [i for i, m in rows.values() if m.id not in created]
+        for i, earlier in zip(retried, await self._earlier([sends[i] for i in retried]), strict=True):
+            outcomes[i] = (earlier, False)
+        fresh = [(i, m) for i, m in rows.values() if m.id in created]
+        open_ = []
+        for i, message in fresh:
+            if parties[message.conversation_id].window.writable:
+                open_.append((i, message))
+            else:
+                outcomes[i] = Conflict("the conversation is closed for writing", "conversation_closed")
+        others = {(i, u) for i, m in open_ for u in parties[m.conversation_id].people - {sends[i].author_id}}
+        waits, online = await asyncio.gather(  # two Redis round trips at once, for the whole batch
+            self.limiter.hit_many([f"chat:send:{sends[i].author_id}" for i, _ in open_],
+                                  self.settings.chat_sends_per_minute, 60),
+            self.presence.online(sorted({u for _, u in others})))
+        accepted = []
+        for (i, message), wait in zip(open_, waits, strict=True):
+            if wait:
+                outcomes[i] = TooMany("too many messages: slow down", wait)
+            else:
+                accepted.append((i, message))
+                outcomes[i] = (message, True)
+        refused = [m.id for i, m in fresh if outcomes[i] is not None and not isinstance(outcomes[i], tuple)]
+        if refused:
+            await self.session.execute(delete(Message).where(Message.id.in_(refused)))
+        await streams.append_many(self.session, self.staged, [
+            (parties[m.conversation_id].people, "message.new", msgspec.to_builtins(m)) for _, m in accepted])
+        for i, message in accepted:
+            away = sorted(str(u) for j, u in others if j == i and u not in online)
+            if away:  # nobody there to see it live: a push (no text in it) goes out through the outbox
+                outbox.stage(self.session, "push", message.id, away, {
+                    "type": "message.new", "ref": str(message.id), "conversation_id": str(message.conversation_id)})
+        for i, first in twins.items():
+            outcome = outcomes[first]
+            outcomes[i] = (outcome[0], False) if isinstance(outcome, tuple) else outcome
+        return [o if o is not None else NotVisible("conversation not found") for o in outcomes]
+
+    async def _insert_messages(self, messages: list[MessageOut], now: dt.datetime) -> set[UUID]:
+        """Insert the messages; the ids of those written (a retry's clashes with its first copy)."""
+        if not messages:
+            return set()
+        table = Message.__table__
         written = await self.session.execute(
-            dialect_insert(self.session)(Message.__table__).values(
-                id=message_id, conversation_id=conversation_id, author_id=viewer.id, kind="text", text=text,
-                document_ids=[], client_id=body.client_id, created_at=now, updated_at=now)
+            dialect_insert(self.session)(table)
             .on_conflict_do_nothing(index_elements=["conversation_id", "author_id", "client_id"])
-            .returning(Message.__table__.c.id))
-        if written.scalar_one_or_none() is None:  # a retry: the first copy stands, nothing is announced again
+            .returning(table.c.id),
+            [{"id": m.id, "conversation_id": m.conversation_id, "author_id": m.author_id, "kind": m.kind,
+              "text": m.text, "document_ids": [], "client_id": m.client_id, "created_at": now, "updated_at": now}
+             for m in messages])
+        return set(written.scalars().all())
+
+    async def _earlier(self, sends: list[Send]) -> list[MessageOut]:
+        """The first copies of retried sends (rare: a lost answer), in order."""
+        found = []
+        for send in sends:
             earlier = await self.session.scalar(select(Message).where(
-                Message.conversation_id == conversation_id, Message.author_id == viewer.id,
-                Message.client_id == body.client_id))
+                Message.conversation_id == send.conversation_id, Message.author_id == send.author_id,
+                Message.client_id == send.client_id))
             assert earlier is not None
-            return earlier, False
-        if not party.window.writable:
-            raise Conflict("the conversation is closed for writing", "conversation_closed")
-        people = party.people
-        others = sorted(people - {viewer.id})
-        wait, online = await asyncio.gather(  # two Redis round trips at once
-            self.limiter.hit(f"chat:send:{viewer.id}", self.settings.chat_sends_per_minute, 60),
-            self.presence.online(others))
-        if wait:
-            raise TooMany("too many messages: slow down", wait)
-        message = Message(id=message_id, conversation_id=conversation_id, author_id=viewer.id, kind="text",
-                          text=text, document_ids=[], client_id=body.client_id, created_at=now, updated_at=now)
-        await streams.append(self.session, self.staged, people, "message.new", message_data(message))
-        away = set(others) - online
-        if away:  # nobody there to see it live: a push (no text in it) goes out through the outbox
-            outbox.stage(self.session, "push", message.id, sorted(str(u) for u in away),
-                         {"type": "message.new", "ref": str(message.id), "conversation_id": str(conversation_id)})
-        return message, True
+            found.append(message_out(earlier))
+        return found
 
     async def revise(self, viewer: Viewer, conversation_id: UUID, message_id: UUID, text: str | None) -> Message:
         """Edit (text) or delete (None) one's own message, shortly after sending it, while the chat is open."""

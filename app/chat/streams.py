@@ -8,6 +8,8 @@ once, and a live socket can tell a gap (and fill it from here) from a duplicate 
 from __future__ import annotations
 
 import datetime as dt
+from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -49,23 +51,36 @@ EVENTS: Table = UserEvent.__table__  # type: ignore[assignment]
 
 async def append(session: AsyncSession, staged: Staged, recipients: set[UUID], type_: str,
                  data: dict[str, Any]) -> None:
-    """Add one event to each recipient's stream: two statements whatever the number of recipients.
+    """Add one event to each recipient's stream."""
+    await append_many(session, staged, [(recipients, type_, data)])
 
-    The upsert takes the stream rows in recipient order, so two writers never deadlock."""
-    if not recipients:
+
+async def append_many(session: AsyncSession, staged: Staged,
+                      events: list[tuple[Collection[UUID], str, dict[str, Any]]]) -> None:
+    """Add events to their recipients' streams, in list order: two statements whatever the numbers.
+
+    Each stream moves forward once by its number of new events; the upsert takes the stream rows in
+    recipient order, so two writers never deadlock."""
+    counts = Counter(r for recipients, _, _ in events for r in recipients)
+    if not counts:
         return
     # Core statements on the tables: the ORM's bulk-insert machinery costs more than the database here
     stream = STREAMS
-    statement = dialect_insert(session)(stream).on_conflict_do_update(
-        index_elements=[stream.c.user_id], set_={"last_seq": stream.c.last_seq + 1},
-    ).returning(stream.c.user_id, stream.c.last_seq, sort_by_parameter_order=True)
+    upsert = dialect_insert(session)(stream)
+    statement = upsert.on_conflict_do_update(
+        index_elements=[stream.c.user_id], set_={"last_seq": stream.c.last_seq + upsert.excluded.last_seq},
+    ).returning(stream.c.user_id, stream.c.last_seq)
     # one statement for all rows (SQLAlchemy batches them), compiled once and cached whatever the count
-    numbered = await session.execute(statement, [{"user_id": r, "last_seq": 1} for r in sorted(recipients)])
+    numbered = await session.execute(statement, [{"user_id": r, "last_seq": n} for r, n in sorted(counts.items())])
+    next_seq = {user: last - counts[user] + 1 for user, last in numbered.all()}
     now = dt.datetime.now(dt.UTC)
     rows = []
-    for recipient, seq in numbered.all():
-        rows.append({"recipient_id": recipient, "seq": seq, "type": type_, "data": data, "created_at": now})
-        staged.events.append(Event(recipient, seq, type_, data))
+    for recipients, type_, data in events:
+        for recipient in recipients:
+            seq = next_seq[recipient]
+            next_seq[recipient] = seq + 1
+            rows.append({"recipient_id": recipient, "seq": seq, "type": type_, "data": data, "created_at": now})
+            staged.events.append(Event(recipient, seq, type_, data))
     await session.execute(insert(EVENTS), rows)
 
 
