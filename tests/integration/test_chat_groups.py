@@ -1,0 +1,152 @@
+"""Sends written as one group (app/chat/sending.py): each answered as if alone, the streams kept whole."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import pytest
+from litestar.testing import AsyncTestClient
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.chat import streams
+from app.chat.hub import InProcessBus, InProcessPresence
+from app.chat.models import Message, UserEvent
+from app.chat.sending import SendQueue
+from app.chat.service import ChatService, Send
+from app.db import Database
+from app.errors import Conflict, NotVisible, TooMany, Unavailable
+from app.limits import InProcessLimiter
+from app.services import accounts_for
+from app.settings import Settings
+from tests.conftest import Session
+from tests.integration.test_chat import confirmed_visit, send
+
+
+async def stream_of(session_maker: async_sessionmaker[AsyncSession], user: Session) -> list[tuple[int, str, Any]]:
+    async with session_maker() as session:
+        rows = await session.execute(select(UserEvent.seq, UserEvent.type, UserEvent.data)
+                                     .where(UserEvent.recipient_id == user.id).order_by(UserEvent.seq))
+        return [(r.seq, r.type, r.data) for r in rows]
+
+
+async def test_one_group_answers_each_send_on_its_own(
+    client: AsyncTestClient[Any], specialist: Callable[..., Any], service: Callable[..., Any], patient: Session,
+    book: Callable[..., Any], staff: Callable[..., Any], completed_visit: Callable[..., Any],
+    login: Callable[[str], Any], new_phone: Callable[[], str], session_maker: async_sessionmaker[AsyncSession],
+) -> None:
+    doctor, visit_type, other_doctor = await specialist(), await service(), await specialist()
+    visit = await confirmed_visit(client, book, staff, patient, doctor, visit_type)
+    closed = await completed_visit(patient, other_doctor, visit_type)
+    stranger = await login(new_phone())
+    open_id, closed_id = uuid.UUID(visit["conversation_id"]), uuid.UUID(closed["conversation_id"])
+    earlier = (await send(client, patient, visit["conversation_id"], "sent before", client_id="earlier")).json()
+    before = {who.id: await stream_of(session_maker, who) for who in (patient, doctor)}
+
+    group = [
+        Send(patient.id, open_id, "first", "p-1"),
+        Send(patient.id, open_id, "first", "p-1"),  # the same send twice in one group
+        Send(doctor.id, open_id, "a reply", "d-1"),
+        Send(stranger.id, open_id, "let me in", "s-1"),
+        Send(patient.id, closed_id, "too late", "p-2"),
+        Send(patient.id, open_id, "sent before", "earlier"),  # a retry of a committed send
+        Send(patient.id, open_id, "second", "p-3"),
+        Send(patient.id, open_id, "third", "p-4"),  # over a limit of two a minute
+    ]
+    state = client.app.state  # its Redis client belongs to the app's loop: this group counts and looks in-process
+    strict = msgspec.structs.replace(state.settings, chat_sends_per_minute=2)
+    async with session_maker() as session:
+        chat = ChatService(session, strict, accounts_for(session, state), InProcessLimiter(), InProcessPresence(60))
+        outcomes = await chat.send_many(group)
+        await session.commit()
+
+    assert [(o[0].text, o[1]) if isinstance(o, tuple) else type(o) for o in outcomes] == [
+        ("first", True), ("first", False), ("a reply", True), NotVisible, Conflict, ("sent before", False),
+        ("second", True), TooMany]
+    first, twin, _, _, late, retry, _, third = outcomes
+    assert isinstance(first, tuple)
+    assert isinstance(twin, tuple)
+    assert twin[0] == first[0]  # the same message, not a second one
+    assert isinstance(late, Conflict)
+    assert late.extra["reason"] == "conversation_closed"
+    assert isinstance(retry, tuple)
+    assert str(retry[0].id) == earlier["id"]
+    assert isinstance(third, TooMany)
+    assert third.extra["retry_after"] > 0
+
+    async with session_maker() as session:
+        written = (await session.scalars(select(Message.text).where(Message.conversation_id.in_([open_id, closed_id]))
+                                         .order_by(Message.id))).all()
+    assert written == ["sent before", "first", "a reply", "second"]  # nothing refused stays written
+    for who in (patient, doctor):
+        events = (await stream_of(session_maker, who))[len(before[who.id]):]
+        last = before[who.id][-1][0] if before[who.id] else 0
+        assert [seq for seq, _, _ in events] == list(range(last + 1, last + 4))  # no gap, nothing twice
+        assert [data["text"] for _, _, data in events] == ["first", "a reply", "second"]
+        assert all(type_ == "message.new" for _, type_, _ in events)
+
+
+class RecordingBus(InProcessBus):
+    def __init__(self) -> None:
+        super().__init__()
+        self.published: list[list[streams.Event]] = []
+
+    async def publish(self, raw: bytes) -> None:
+        self.published.append(streams.decode(raw))
+
+
+def queue_for(client: AsyncTestClient[Any], settings: Settings, bus: InProcessBus) -> SendQueue:
+    """A send queue on this test's loop (the app's own runs on the app's loop)."""
+    state = client.app.state
+    return SendQueue(Database(settings), lambda session: ChatService(
+        session, settings, accounts_for(session, state), InProcessLimiter(), InProcessPresence(60)), bus)
+
+
+async def test_concurrent_sends_share_groups_and_land_in_order_on_both_streams(
+    client: AsyncTestClient[Any], specialist: Callable[..., Any], service: Callable[..., Any], patient: Session,
+    book: Callable[..., Any], staff: Callable[..., Any], session_maker: async_sessionmaker[AsyncSession],
+    test_settings: Settings,
+) -> None:
+    doctor, visit_type = await specialist(), await service()
+    visit = await confirmed_visit(client, book, staff, patient, doctor, visit_type)
+    conversation_id = uuid.UUID(visit["conversation_id"])
+    before = len(await stream_of(session_maker, doctor))
+    bus = RecordingBus()
+    queue = queue_for(client, test_settings, bus)
+    writer = asyncio.create_task(queue.run())
+    await asyncio.sleep(0)
+    try:
+        answers = await asyncio.gather(*(queue.send(Send((patient if i % 2 else doctor).id, conversation_id,
+                                                         f"m{i}", f"c{i}")) for i in range(40)))
+    finally:
+        writer.cancel()
+        await queue.database.dispose()
+    assert [created for _, created in answers] == [True] * 40
+    assert len(bus.published) < 40  # they shared groups
+    assert sum(len(p) for p in bus.published) == 80  # each message to both sides, once
+    events = (await stream_of(session_maker, doctor))[before:]
+    assert [seq for seq, _, _ in events] == list(range(events[0][0], events[0][0] + 40))
+    assert {data["id"] for _, _, data in events} == {str(m.id) for m, _ in answers}
+    message_order = [data["id"] for _, _, data in events]
+    assert message_order == sorted(message_order)  # streams hear messages in the order they were written
+
+
+async def test_sends_waiting_when_the_queue_stops_are_told_to_retry(
+    client: AsyncTestClient[Any], test_settings: Settings, patient: Session,
+) -> None:
+    queue = queue_for(client, test_settings, RecordingBus())
+    with pytest.raises(Unavailable):  # not running yet
+        await queue.send(Send(patient.id, uuid.uuid4(), "early", "e-1"))
+    writer = asyncio.create_task(queue.run())
+    await asyncio.sleep(0)
+    waiting = [asyncio.create_task(queue.send(Send(patient.id, uuid.uuid4(), "late", f"l-{i}"))) for i in range(3)]
+    await asyncio.sleep(0)
+    writer.cancel()
+    outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+    await queue.database.dispose()
+    assert [type(o) for o in outcomes] == [Unavailable] * 3
+    assert all(isinstance(o, Unavailable) and o.extra["reason"] == "chat_unavailable" for o in outcomes)
