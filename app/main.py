@@ -31,6 +31,7 @@ from app.chat.controllers import ChatController
 from app.chat.gateway import realtime
 from app.chat.hub import Bus, Hub, InProcessBus, InProcessPresence, RedisBus, RedisPresence
 from app.chat.sending import SendQueue
+from app.chat.service import SendRules
 from app.consultations.controllers import CareController, ConsultationController
 from app.db import Database, provide_db_session
 from app.documents.storage import STORE_ERRORS, S3Store, object_store
@@ -41,7 +42,6 @@ from app.notifications.sms import sms_sender
 from app.observability import configure_logging, metrics_text, request_id_middleware
 from app.scheduling.controllers import CatalogueController
 from app.scheduling.service import FeedCache, SchedulingService
-from app.services import chat_for
 from app.settings import Settings, settings_from_env
 
 log = logging.getLogger("app")
@@ -101,7 +101,8 @@ def create_app(settings: Settings) -> Litestar:
         gc.set_threshold(50_000, 50, 100)
         horizons = asyncio.create_task(keep_slot_horizons(database, settings))
         listener = asyncio.create_task(bus.run(hub.deliver))
-        sends = SendQueue(database, lambda session: chat_for(session, app.state), bus, settings.chat_send_writers)
+        sends = SendQueue(database, SendRules(settings, app.state.limiter, app.state.presence), bus,
+                          settings.chat_send_writers)
         app.state.sends = sends
         writers = asyncio.create_task(sends.run())
         try:

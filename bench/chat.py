@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import gc
 import math
 import os
 import random
@@ -567,6 +568,10 @@ async def run(args: argparse.Namespace, tmp: Path, loop_name: str) -> tuple[dict
         for rate in args.rates:
             if proc.poll() is not None:
                 raise RuntimeError(f"server died during the run:\n{tail(tmp / 'server.log')}")
+            # this process's own collector pauses would read as server latency: none while sending
+            gc.collect()
+            gc.freeze()
+            gc.disable()
             if args.warmup > 0:
                 warm = Phase(f"warm-{rate:g}", rate, measured=False)
                 busy = await sender.run(warm, args.warmup)
@@ -577,6 +582,7 @@ async def run(args: argparse.Namespace, tmp: Path, loop_name: str) -> tuple[dict
             busy |= await sender.run(phase, args.seconds)
             after = CpuSnapshot.take(pids)
             drain_s = await drain(phase, busy)
+            gc.enable()
             if warm is not None:
                 warmups.append(phase_report(warm, None, proc.pid, sockets.given_up))
             answered = sum(1 for s in (warm.records if warm else []) + phase.records

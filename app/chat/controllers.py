@@ -15,7 +15,8 @@ from app import access
 from app.access import Viewer, signed_in
 from app.chat.models import Message
 from app.chat.schemas import ChatRowOut, EditIn, LastMessage, MessageIn, MessageOut, ReadIn
-from app.chat.service import ChatService, Row, message_out, outgoing
+from app.chat.service import ChatService, Row, outgoing
+from app.chat.store import message_out
 from app.consultations.controllers import provide_consultations
 from app.consultations.service import ConsultationService
 from app.schemas import Page

@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
-
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.chat import streams
 from app.chat.hub import Bus
-from app.chat.service import ChatService, Send, Sent
+from app.chat.service import SendRules, Sent
+from app.chat.store import Send, open_store
 from app.db import Database
 from app.errors import DomainError, Unavailable
 
 log = logging.getLogger("app.chat")
 RETRYABLE = {"40001", "40P01"}  # serialization failure, deadlock: the whole group is tried again
+
+
+def sqlstate(exc: Exception) -> str | None:
+    """PostgreSQL's error code, raised by asyncpg itself or wrapped by SQLAlchemy."""
+    code = getattr(exc, "sqlstate", None) or getattr(getattr(exc, "orig", None), "sqlstate", None)
+    return code if isinstance(code, str) else None
 
 
 @dataclass(slots=True)
@@ -33,10 +36,10 @@ class Waiting:
 
 
 class SendQueue:
-    def __init__(self, database: Database, chat_for: Callable[[AsyncSession], ChatService], bus: Bus,
-                 writers: int = 1, max_group: int = 200) -> None:
+    def __init__(self, database: Database, rules: SendRules, bus: Bus, writers: int = 1,
+                 max_group: int = 200) -> None:
         self.database = database
-        self.chat_for = chat_for
+        self.rules = rules
         self.bus = bus
         self.max_group = max_group
         self.writers = writers
@@ -86,8 +89,7 @@ class SendQueue:
                 outcomes, staged = await self._commit([w.send for w in group])
                 break
             except Exception as exc:  # every send of the group is refused alike; the writer goes on
-                if (attempt < 3 and isinstance(exc, DBAPIError)
-                        and getattr(exc.orig, "sqlstate", None) in RETRYABLE):
+                if attempt < 3 and sqlstate(exc) in RETRYABLE:
                     continue
                 log.exception("writing a group of chat messages failed", extra={"group": len(group)})
                 self._fail(group, "the message could not be written; send it again with the same client_id")
@@ -103,10 +105,10 @@ class SendQueue:
                 waiting.answer.set_result(outcome)
 
     async def _commit(self, sends: list[Send]) -> tuple[list[Sent | DomainError], streams.Staged]:
-        async with self.database.writer() as session:
-            outcomes = await self.chat_for(session).send_many(sends)
-            await session.commit()
-            return outcomes, streams.staged_for(session)
+        staged = streams.Staged()
+        async with open_store(self.database) as store:
+            outcomes = await self.rules.write(store, staged, sends)
+        return outcomes, staged
 
     @staticmethod
     def _fail(group: list[Waiting], detail: str) -> None:

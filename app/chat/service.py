@@ -13,19 +13,19 @@ from typing import Any
 from uuid import UUID
 
 import msgspec
-from sqlalchemy import and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 from uuid_utils.compat import uuid7
 
-from app import outbox
 from app.access import Viewer
 from app.accounts.service import AccountService
 from app.chat import streams
 from app.chat.hub import Presence
 from app.chat.models import ChatWindow, Conversation, Message, ReadMark
 from app.chat.schemas import MessageIn, MessageOut
-from app.db import dialect_insert, insert_ignoring_duplicates
+from app.chat.store import PartyRow, Send, SendStore, SqlSendStore, message_out
+from app.db import insert_ignoring_duplicates
 from app.errors import Conflict, DomainError, Forbidden, Invalid, NotVisible, TooMany
 from app.limits import RateLimiter
 from app.settings import Settings
@@ -33,12 +33,6 @@ from app.settings import Settings
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def message_out(m: Message) -> MessageOut:
-    return MessageOut(id=m.id, conversation_id=m.conversation_id, author_id=m.author_id, kind=m.kind, text=m.text,
-                      document_ids=list(m.document_ids), client_id=m.client_id, created_at=m.created_at,
-                      edited_at=m.edited_at, deleted=m.deleted_at is not None)
 
 
 def message_data(m: Message) -> dict[str, Any]:
@@ -72,22 +66,11 @@ class Party:
         return found
 
 
-PARTIES = select(
-    Conversation.id, Conversation.specialist_id, Conversation.patient_id, Conversation.patient_has_login,
-    Conversation.guardian_id, Conversation.extended_until,
-    select(func.max(ChatWindow.ends_at)).where(ChatWindow.conversation_id == Conversation.id)
-    .scalar_subquery().label("planned_end"),
-).where(Conversation.id.in_(bindparam("ids", expanding=True)))
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    """One person's message on its way in, already checked for shape (see MessageIn)."""
-
-    author_id: UUID
-    conversation_id: UUID
-    text: str
-    client_id: str
+def parties_of(rows: list[PartyRow]) -> dict[UUID, Party]:
+    now = utcnow()
+    return {row.id: Party(row.id, row.specialist_id, row.patient_id,
+                          row.patient_id if row.patient_has_login else None, row.guardian_id,
+                          window_of(row.extended_until, row.planned_end, now)) for row in rows}
 
 
 Sent = tuple[MessageOut, bool]  # the message as answered, and whether this send wrote it
@@ -199,11 +182,7 @@ class ChatService:
         return party
 
     async def _parties(self, conversation_ids: set[UUID]) -> dict[UUID, Party]:
-        now = utcnow()
-        rows = await self.session.execute(PARTIES, {"ids": sorted(conversation_ids)})
-        return {row.id: Party(row.id, row.specialist_id, row.patient_id,
-                              row.patient_id if row.patient_has_login else None, row.guardian_id,
-                              window_of(row.extended_until, row.planned_end, now)) for row in rows}
+        return parties_of(await SqlSendStore(self.session).parties(sorted(conversation_ids)))
 
     async def visible(self, viewer: Viewer, conversation_id: UUID) -> Party:
         """The conversation if the viewer is in it (the specialist, the patient, the patient's guardian)."""
@@ -213,94 +192,9 @@ class ChatService:
         return party
 
     async def send_many(self, sends: list[Send]) -> list[Sent | DomainError]:
-        """Write several people's messages at once, each answered as if it were alone: (message, created) or
-        the refusal. A retry with the same client_id answers the first copy and writes nothing.
-
-        Every message is written first and the checks follow; one refused is deleted again inside the
-        transaction. So the common case costs no look-up for retries, and the whole batch costs the same
-        few statements and two Redis round trips whatever its size."""
-        outcomes: list[Sent | DomainError | None] = [None] * len(sends)
-        parties = await self._parties({s.conversation_id for s in sends})
-        firsts: dict[tuple[UUID, UUID, str], int] = {}  # the same send twice in one batch: one write
-        twins: dict[int, int] = {}
-        rows: dict[UUID, tuple[int, MessageOut]] = {}
-        now = utcnow()
-        for i, send in enumerate(sends):
-            party = parties.get(send.conversation_id)
-            if party is None or send.author_id not in party.people:
-                outcomes[i] = NotVisible("conversation not found")
-                continue
-            key = (send.conversation_id, send.author_id, send.client_id)
-            if key in firsts:
-                twins[i] = firsts[key]
-                continue
-            firsts[key] = i
-            message = MessageOut(id=uuid7(), conversation_id=send.conversation_id, author_id=send.author_id,
-                                 kind="text", text=send.text, document_ids=[], client_id=send.client_id,
-                                 created_at=now)
-            rows[message.id] = (i, message)
-        created = await self._insert_messages([m for _, m in rows.values()], now)
-        retried = [i for i, m in rows.values() if m.id not in created]
-        for i, earlier in zip(retried, await self._earlier([sends[i] for i in retried]), strict=True):
-            outcomes[i] = (earlier, False)
-        fresh = [(i, m) for i, m in rows.values() if m.id in created]
-        open_ = []
-        for i, message in fresh:
-            if parties[message.conversation_id].window.writable:
-                open_.append((i, message))
-            else:
-                outcomes[i] = Conflict("the conversation is closed for writing", "conversation_closed")
-        others = {(i, u) for i, m in open_ for u in parties[m.conversation_id].people - {sends[i].author_id}}
-        waits, online = await asyncio.gather(  # two Redis round trips at once, for the whole batch
-            self.limiter.hit_many([f"chat:send:{sends[i].author_id}" for i, _ in open_],
-                                  self.settings.chat_sends_per_minute, 60),
-            self.presence.online(sorted({u for _, u in others})))
-        accepted = []
-        for (i, message), wait in zip(open_, waits, strict=True):
-            if wait:
-                outcomes[i] = TooMany("too many messages: slow down", wait)
-            else:
-                accepted.append((i, message))
-                outcomes[i] = (message, True)
-        refused = [m.id for i, m in fresh if outcomes[i] is not None and not isinstance(outcomes[i], tuple)]
-        if refused:
-            await self.session.execute(delete(Message).where(Message.id.in_(refused)))
-        await streams.append_many(self.session, self.staged, [
-            (parties[m.conversation_id].people, "message.new", msgspec.to_builtins(m)) for _, m in accepted])
-        for i, message in accepted:
-            away = sorted(str(u) for j, u in others if j == i and u not in online)
-            if away:  # nobody there to see it live: a push (no text in it) goes out through the outbox
-                outbox.stage(self.session, "push", message.id, away, {
-                    "type": "message.new", "ref": str(message.id), "conversation_id": str(message.conversation_id)})
-        for i, first in twins.items():
-            outcome = outcomes[first]
-            outcomes[i] = (outcome[0], False) if isinstance(outcome, tuple) else outcome
-        return [o if o is not None else NotVisible("conversation not found") for o in outcomes]
-
-    async def _insert_messages(self, messages: list[MessageOut], now: dt.datetime) -> set[UUID]:
-        """Insert the messages; the ids of those written (a retry's clashes with its first copy)."""
-        if not messages:
-            return set()
-        table = Message.__table__
-        written = await self.session.execute(
-            dialect_insert(self.session)(table)
-            .on_conflict_do_nothing(index_elements=["conversation_id", "author_id", "client_id"])
-            .returning(table.c.id),
-            [{"id": m.id, "conversation_id": m.conversation_id, "author_id": m.author_id, "kind": m.kind,
-              "text": m.text, "document_ids": [], "client_id": m.client_id, "created_at": now, "updated_at": now}
-             for m in messages])
-        return set(written.scalars().all())
-
-    async def _earlier(self, sends: list[Send]) -> list[MessageOut]:
-        """The first copies of retried sends (rare: a lost answer), in order."""
-        found = []
-        for send in sends:
-            earlier = await self.session.scalar(select(Message).where(
-                Message.conversation_id == send.conversation_id, Message.author_id == send.author_id,
-                Message.client_id == send.client_id))
-            assert earlier is not None
-            found.append(message_out(earlier))
-        return found
+        """Several sends in this session's transaction (the send queue writes groups; see SendRules)."""
+        rules = SendRules(self.settings, self.limiter, self.presence)
+        return await rules.write(SqlSendStore(self.session), self.staged, sends)
 
     async def revise(self, viewer: Viewer, conversation_id: UUID, message_id: UUID, text: str | None) -> Message:
         """Edit (text) or delete (None) one's own message, shortly after sending it, while the chat is open."""
@@ -391,6 +285,80 @@ class ChatService:
         if not ids:
             return []
         return list((await self.session.scalars(select(Conversation).where(Conversation.id.in_(ids)))).all())
+
+
+class SendRules:
+    """Who may write where, how often, and what each send answers, for a group of sends at once.
+
+    Each send is answered as if it were alone: (message, created) or its refusal. A retry with the same
+    client_id answers the first copy and writes nothing. Every message is written first and the checks
+    follow; one refused is deleted again inside the transaction. So the common case costs no look-up for
+    retries, and a group costs the same few statements and two Redis round trips whatever its size."""
+
+    def __init__(self, settings: Settings, limiter: RateLimiter, presence: Presence) -> None:
+        self.settings = settings
+        self.limiter = limiter
+        self.presence = presence
+
+    async def write(self, store: SendStore, staged: streams.Staged, sends: list[Send]) -> list[Sent | DomainError]:
+        outcomes: list[Sent | DomainError | None] = [None] * len(sends)
+        parties = parties_of(await store.parties(sorted({s.conversation_id for s in sends})))
+        firsts: dict[tuple[UUID, UUID, str], int] = {}  # the same send twice in one group: one write
+        twins: dict[int, int] = {}
+        rows: list[tuple[int, MessageOut]] = []
+        now = utcnow()
+        for i, send in enumerate(sends):
+            party = parties.get(send.conversation_id)
+            if party is None or send.author_id not in party.people:
+                outcomes[i] = NotVisible("conversation not found")
+                continue
+            key = (send.conversation_id, send.author_id, send.client_id)
+            if key in firsts:
+                twins[i] = firsts[key]
+                continue
+            firsts[key] = i
+            rows.append((i, MessageOut(id=uuid7(), conversation_id=send.conversation_id, author_id=send.author_id,
+                                       kind="text", text=send.text, document_ids=[], client_id=send.client_id,
+                                       created_at=now)))
+        created = await store.insert_messages([m for _, m in rows])
+        for i, message in rows:
+            if message.id not in created:  # a retry (rare: a lost answer)
+                outcomes[i] = (await store.first_copy(sends[i]), False)
+        fresh = [(i, m) for i, m in rows if m.id in created]
+        open_ = []
+        for i, message in fresh:
+            if parties[message.conversation_id].window.writable:
+                open_.append((i, message))
+            else:
+                outcomes[i] = Conflict("the conversation is closed for writing", "conversation_closed")
+        others = {i: parties[m.conversation_id].people - {m.author_id} for i, m in open_}
+        waits, online = await asyncio.gather(  # two Redis round trips at once, for the whole group
+            self.limiter.hit_many([f"chat:send:{m.author_id}" for _, m in open_],
+                                  self.settings.chat_sends_per_minute, 60),
+            self.presence.online(sorted(set().union(*others.values()))))
+        accepted = []
+        for (i, message), wait in zip(open_, waits, strict=True):
+            if wait:
+                outcomes[i] = TooMany("too many messages: slow down", wait)
+            else:
+                accepted.append((i, message))
+                outcomes[i] = (message, True)
+        refused = [m.id for i, m in fresh if not isinstance(outcomes[i], tuple)]
+        if refused:
+            await store.delete_messages(refused)
+        events = [(parties[m.conversation_id].people, "message.new", msgspec.to_builtins(m)) for _, m in accepted]
+        counts = streams.tally(events)
+        if counts:
+            await store.insert_events(streams.lay_out(events, counts, await store.number_streams(counts), staged))
+        # nobody there to see it live: a push (ids only, no text) goes out through the outbox
+        await store.stage_pushes([
+            (m.id, sorted(str(u) for u in others[i] - online),
+             {"type": "message.new", "ref": str(m.id), "conversation_id": str(m.conversation_id)})
+            for i, m in accepted if others[i] - online])
+        for i, first in twins.items():
+            outcome = outcomes[first]
+            outcomes[i] = (outcome[0], False) if isinstance(outcome, tuple) else outcome
+        return [o if o is not None else NotVisible("conversation not found") for o in outcomes]
 
 
 def window_of(extended_until: dt.datetime | None, planned_end: dt.datetime | None, now: dt.datetime) -> Window:

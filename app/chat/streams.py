@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -56,14 +56,24 @@ async def append(session: AsyncSession, staged: Staged, recipients: set[UUID], t
 
 
 async def append_many(session: AsyncSession, staged: Staged,
-                      events: list[tuple[Collection[UUID], str, dict[str, Any]]]) -> None:
-    """Add events to their recipients' streams, in list order: two statements whatever the numbers.
-
-    Each stream moves forward once by its number of new events; the upsert takes the stream rows in
-    recipient order, so two writers never deadlock."""
-    counts = Counter(r for recipients, _, _ in events for r in recipients)
+                      events: Sequence[tuple[Collection[UUID], str, dict[str, Any]]]) -> None:
+    """Add events to their recipients' streams, in list order: two statements whatever the numbers."""
+    counts = tally(events)
     if not counts:
         return
+    numbered = lay_out(events, counts, await number(session, counts), staged)
+    await session.execute(insert(EVENTS), event_rows(numbered))
+
+
+def tally(events: Sequence[tuple[Collection[UUID], str, dict[str, Any]]]) -> dict[UUID, int]:
+    """How many of the events each recipient gets."""
+    return dict(Counter(r for recipients, _, _ in events for r in recipients))
+
+
+async def number(session: AsyncSession, counts: dict[UUID, int]) -> dict[UUID, int]:
+    """Move each user's stream forward by their count, in one statement; each stream's last position after.
+
+    The upsert takes the stream rows in user order, so two writers never deadlock."""
     # Core statements on the tables: the ORM's bulk-insert machinery costs more than the database here
     stream = STREAMS
     upsert = dialect_insert(session)(stream)
@@ -71,17 +81,29 @@ async def append_many(session: AsyncSession, staged: Staged,
         index_elements=[stream.c.user_id], set_={"last_seq": stream.c.last_seq + upsert.excluded.last_seq},
     ).returning(stream.c.user_id, stream.c.last_seq)
     # one statement for all rows (SQLAlchemy batches them), compiled once and cached whatever the count
-    numbered = await session.execute(statement, [{"user_id": r, "last_seq": n} for r, n in sorted(counts.items())])
-    next_seq = {user: last - counts[user] + 1 for user, last in numbered.all()}
-    now = dt.datetime.now(dt.UTC)
-    rows = []
+    numbered = await session.execute(statement, [{"user_id": u, "last_seq": n} for u, n in sorted(counts.items())])
+    return {user: last for user, last in numbered.all()}
+
+
+def lay_out(events: Sequence[tuple[Collection[UUID], str, dict[str, Any]]], counts: dict[UUID, int],
+            last: dict[UUID, int], staged: Staged) -> list[Event]:
+    """Give each event its position in each recipient's stream (the counts end at `last`), in list order,
+    and stage them for publishing."""
+    next_seq = {user: last[user] - n + 1 for user, n in counts.items()}
+    numbered = []
     for recipients, type_, data in events:
         for recipient in recipients:
             seq = next_seq[recipient]
             next_seq[recipient] = seq + 1
-            rows.append({"recipient_id": recipient, "seq": seq, "type": type_, "data": data, "created_at": now})
-            staged.events.append(Event(recipient, seq, type_, data))
-    await session.execute(insert(EVENTS), rows)
+            numbered.append(Event(recipient, seq, type_, data))
+    staged.events.extend(numbered)
+    return numbered
+
+
+def event_rows(events: list[Event]) -> list[dict[str, Any]]:
+    now = dt.datetime.now(dt.UTC)
+    return [{"recipient_id": e.recipient_id, "seq": e.seq, "type": e.type, "data": e.data, "created_at": now}
+            for e in events]
 
 
 async def last_seq(session: AsyncSession, user_id: UUID) -> int:

@@ -17,7 +17,8 @@ from app.chat import streams
 from app.chat.hub import InProcessBus, InProcessPresence
 from app.chat.models import Message, UserEvent
 from app.chat.sending import SendQueue
-from app.chat.service import ChatService, Send
+from app.chat.service import ChatService, SendRules
+from app.chat.store import Send, open_store
 from app.db import Database
 from app.errors import Conflict, NotVisible, TooMany, Unavailable
 from app.limits import InProcessLimiter
@@ -34,9 +35,11 @@ async def stream_of(session_maker: async_sessionmaker[AsyncSession], user: Sessi
         return [(r.seq, r.type, r.data) for r in rows]
 
 
+@pytest.mark.parametrize("route", ["session", "store"])
 async def test_one_group_answers_each_send_on_its_own(
-    client: AsyncTestClient[Any], specialist: Callable[..., Any], service: Callable[..., Any], patient: Session,
-    book: Callable[..., Any], staff: Callable[..., Any], completed_visit: Callable[..., Any],
+    route: str, client: AsyncTestClient[Any], test_settings: Settings, specialist: Callable[..., Any],
+    service: Callable[..., Any], patient: Session, book: Callable[..., Any], staff: Callable[..., Any],
+    completed_visit: Callable[..., Any],
     login: Callable[[str], Any], new_phone: Callable[[], str], session_maker: async_sessionmaker[AsyncSession],
 ) -> None:
     doctor, visit_type, other_doctor = await specialist(), await service(), await specialist()
@@ -57,12 +60,21 @@ async def test_one_group_answers_each_send_on_its_own(
         Send(patient.id, open_id, "second", "p-3"),
         Send(patient.id, open_id, "third", "p-4"),  # over a limit of two a minute
     ]
-    state = client.app.state  # its Redis client belongs to the app's loop: this group counts and looks in-process
-    strict = msgspec.structs.replace(state.settings, chat_sends_per_minute=2)
-    async with session_maker() as session:
-        chat = ChatService(session, strict, accounts_for(session, state), InProcessLimiter(), InProcessPresence(60))
-        outcomes = await chat.send_many(group)
-        await session.commit()
+    # the app's Redis client belongs to the app's loop: this group counts and looks in-process
+    strict = msgspec.structs.replace(test_settings, chat_sends_per_minute=2)
+    limiter, presence = InProcessLimiter(), InProcessPresence(60)
+    if route == "session":  # ChatService.send_many: SQLAlchemy on any database
+        async with session_maker() as session:
+            chat = ChatService(session, strict, accounts_for(session, client.app.state), limiter, presence)
+            outcomes = await chat.send_many(group)
+            await session.commit()
+    else:  # as the send queue writes: asyncpg itself on PostgreSQL
+        database = Database(test_settings)
+        try:
+            async with open_store(database) as store:
+                outcomes = await SendRules(strict, limiter, presence).write(store, streams.Staged(), group)
+        finally:
+            await database.dispose()
 
     assert [(o[0].text, o[1]) if isinstance(o, tuple) else type(o) for o in outcomes] == [
         ("first", True), ("first", False), ("a reply", True), NotVisible, Conflict, ("sent before", False),
@@ -99,11 +111,9 @@ class RecordingBus(InProcessBus):
         self.published.append(streams.decode(raw))
 
 
-def queue_for(client: AsyncTestClient[Any], settings: Settings, bus: InProcessBus) -> SendQueue:
+def queue_for(settings: Settings, bus: InProcessBus) -> SendQueue:
     """A send queue on this test's loop (the app's own runs on the app's loop)."""
-    state = client.app.state
-    return SendQueue(Database(settings), lambda session: ChatService(
-        session, settings, accounts_for(session, state), InProcessLimiter(), InProcessPresence(60)), bus)
+    return SendQueue(Database(settings), SendRules(settings, InProcessLimiter(), InProcessPresence(60)), bus)
 
 
 async def test_concurrent_sends_share_groups_and_land_in_order_on_both_streams(
@@ -116,7 +126,7 @@ async def test_concurrent_sends_share_groups_and_land_in_order_on_both_streams(
     conversation_id = uuid.UUID(visit["conversation_id"])
     before = len(await stream_of(session_maker, doctor))
     bus = RecordingBus()
-    queue = queue_for(client, test_settings, bus)
+    queue = queue_for(test_settings, bus)
     writer = asyncio.create_task(queue.run())
     await asyncio.sleep(0)
     try:
@@ -138,7 +148,7 @@ async def test_concurrent_sends_share_groups_and_land_in_order_on_both_streams(
 async def test_sends_waiting_when_the_queue_stops_are_told_to_retry(
     client: AsyncTestClient[Any], test_settings: Settings, patient: Session,
 ) -> None:
-    queue = queue_for(client, test_settings, RecordingBus())
+    queue = queue_for(test_settings, RecordingBus())
     with pytest.raises(Unavailable):  # not running yet
         await queue.send(Send(patient.id, uuid.uuid4(), "early", "e-1"))
     writer = asyncio.create_task(queue.run())
