@@ -20,6 +20,9 @@ starts `python -m app serve` (one worker) as a child process. This process is th
     own socket, which hears its messages too) never received is lost; one received twice is a duplicate;
     frame ids (the recipient's stream positions) must come 1, 2, 3 ... on every socket.
 
+This process collects its garbage between rates, never during one: a collector pause here would hold back
+the timestamps of frames already received and read as server latency.
+
 Per rate it reports messages sent, POST errors, delivered, lost, duplicates, latencies, and the CPU seconds of
 the server, this load generator, PostgreSQL and Redis, and the server's RSS; then the highest rate whose
 delivery p99 stayed under 50 ms (with nothing lost, no POST error and at most 1% of sends late). A table,

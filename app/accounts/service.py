@@ -254,6 +254,11 @@ class AccountService:
             raise NotVisible("specialist not found")
         return user
 
+    async def staff_with_role(self, role: Role) -> set[UUID]:
+        """Everyone holding a staff role (a handful of rows: the filter runs here, the same on every database)."""
+        rows = await self.session.execute(select(User.id, User.roles).where(User.is_staff.is_(True)))
+        return {r.id for r in rows if role.value in r.roles}
+
     async def specialists(self, specialty: str | None = None) -> list[User]:
         rows = (await self.session.scalars(select(User).where(User.is_staff.is_(True)).order_by(User.full_name))).all()
         return [u for u in rows if u.specialties and set(u.roles) & access.SPECIALIST_ROLES

@@ -3,7 +3,7 @@
 A send alone is written at once, as before; under load, concurrent sends share one transaction, one Redis
 round trip for limits and presence, and one publish, so the cost per message falls as the rate rises
 instead of the database and Redis round trips queueing up. No send waits on a timer. Each send is still
-answered on its own: (message, created) or its own refusal (ChatService.send_many).
+answered on its own: (message, created) or its own refusal (SendRules in app/chat/service.py).
 """
 
 from __future__ import annotations

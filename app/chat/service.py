@@ -161,10 +161,17 @@ class ChatService:
         await streams.append(self.session, self.staged, party.people, "message.new", message_data(message))
         return message
 
-    async def announce(self, conversation_id: UUID, type_: str, data: dict[str, Any]) -> None:
-        """An event for everyone whose apps show this conversation (e.g. its consultation changed)."""
+    async def announce(self, conversation_id: UUID, type_: str, data: dict[str, Any],
+                       patient_side: bool = False) -> None:
+        """An event for everyone whose apps show this conversation (e.g. its consultation changed), or only
+        for the patient's side of it (the patient's own app and a guardian's)."""
         party = await self._party(conversation_id)
-        await streams.append(self.session, self.staged, party.people, type_, data)
+        people = party.people - {party.specialist_id} if patient_side else party.people
+        await streams.append(self.session, self.staged, people, type_, data)
+
+    async def notify(self, user_ids: set[UUID], data: dict[str, Any]) -> None:
+        """A `notice` event for each of these users (ids and kinds only: no medical content)."""
+        await streams.append(self.session, self.staged, user_ids, "notice", data)
 
     async def _announce_window(self, conversation_id: UUID, type_: str) -> None:
         party = await self._party(conversation_id)

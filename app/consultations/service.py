@@ -293,8 +293,10 @@ class ConsultationService:
             raise Conflict("this consultation already has a conclusion", "conclusion_exists") from exc
         self.session.add_all(orders)
         await self.session.flush()
-        outbox.stage(self.session, "notice", conclusion.id, [str(visit.patient_id)],
-                     {"kind": "conclusion_ready", "consultation_id": str(visit.id)})
+        notice = {"kind": "conclusion_ready", "consultation_id": str(visit.id)}
+        outbox.stage(self.session, "notice", conclusion.id, [str(visit.patient_id)], notice)
+        if visit.conversation_id is not None:
+            await self.chat.announce(visit.conversation_id, "notice", notice, patient_side=True)
         return conclusion, orders
 
     async def read_conclusion(self, viewer: Viewer, consultation_id: UUID) -> tuple[Conclusion, list[AnalysisOrder]]:
@@ -336,9 +338,10 @@ class ConsultationService:
                 await self.session.flush()
         except IntegrityError as exc:
             raise Conflict("this consultation was already rated", "already_rated") from exc
-        if data.score <= 2:  # a poor visit alerts the responsible staff at once
-            outbox.stage(self.session, "notice", rating.id, ["role:admin"],
-                         {"kind": "low_rating", "consultation_id": str(visit.id), "score": data.score})
+        if data.score <= 2:  # a poor visit alerts the responsible staff at once: live, and by the outbox
+            notice = {"kind": "low_rating", "consultation_id": str(visit.id), "score": data.score}
+            outbox.stage(self.session, "notice", rating.id, ["role:admin"], notice)
+            await self.chat.notify(await self.accounts.staff_with_role(Role.ADMIN), notice)
         return rating
 
     async def low_ratings(self, limit: int, cursor: UUID | None) -> list[Rating]:

@@ -11,6 +11,7 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.chat.models import UserEvent
 from app.consultations.models import Rating
 from app.outbox import OutboxEvent
 from tests.conftest import Session, refused
@@ -120,6 +121,9 @@ async def test_only_the_own_specialist_writes_once_after_the_start(
         notices = (await db.scalars(select(OutboxEvent).where(
             OutboxEvent.aggregate_id == UUID(conclusion["id"]), OutboxEvent.type == "notice"))).all()
     assert [(n.recipients, n.payload["kind"]) for n in notices] == [([str(patient.id)], "conclusion_ready")]
+    ready = {"kind": "conclusion_ready", "consultation_id": visit["id"]}
+    assert ready in await live_notices(session_maker, patient.id)  # live too, to the patient's side only
+    assert ready not in await live_notices(session_maker, doctor.id)
 
     done = await visit_in(client, book, registrar, patient, doctor, svc, until="completed")
     late = await written(client, doctor, done, recommendations="Repeat the ultrasound in three months")
@@ -323,6 +327,13 @@ async def test_the_patient_rates_a_completed_visit_once(
     assert await rating_notices(session_maker, visit["id"]) == []
 
 
+async def live_notices(session_maker: Maker, user_id: UUID) -> list[dict[str, Any]]:
+    """The `notice` events in a user's realtime stream."""
+    async with session_maker() as db:
+        return list((await db.scalars(select(UserEvent.data).where(
+            UserEvent.recipient_id == user_id, UserEvent.type == "notice").order_by(UserEvent.seq))).all())
+
+
 async def test_a_poor_rating_alerts_the_admins(
     client: AsyncTestClient[Any], patient: Session, admin: Session, staff: Callable[..., Any],
     specialist: Callable[..., Any], service: Callable[..., Any], book: Callable[..., Any], session_maker: Maker,
@@ -340,8 +351,11 @@ async def test_a_poor_rating_alerts_the_admins(
         assert [(r["score"], r["specialist_id"], r["comment"]) for r in alerts] == [
             (score, str(doctor.id), "waited an hour")]
         notices = await rating_notices(session_maker, visit["id"])
-        assert [(n.recipients, n.payload) for n in notices] == [
-            (["role:admin"], {"kind": "low_rating", "consultation_id": visit["id"], "score": score})]
+        alert = {"kind": "low_rating", "consultation_id": visit["id"], "score": score}
+        assert [(n.recipients, n.payload) for n in notices] == [(["role:admin"], alert)]
+        assert alert in await live_notices(session_maker, admin.id)  # live in every admin's stream
+        for not_admin in (patient, registrar, doctor):
+            assert alert not in await live_notices(session_maker, not_admin.id)
     for not_admin in (patient, registrar, doctor, await staff("methodist")):
         refused(await client.get("/api/v1/alerts/ratings", headers=not_admin.headers), 403)
 
