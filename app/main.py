@@ -102,7 +102,7 @@ def create_app(settings: Settings) -> Litestar:
         horizons = asyncio.create_task(keep_slot_horizons(database, settings))
         listener = asyncio.create_task(bus.run(hub.deliver))
         sends = SendQueue(database, SendRules(settings, app.state.limiter, app.state.presence), bus,
-                          settings.chat_send_writers)
+                          settings.chat_send_writers, timeout=settings.chat_write_timeout_seconds)
         app.state.sends = sends
         writers = asyncio.create_task(sends.run())
         try:

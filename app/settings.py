@@ -63,6 +63,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     chat_max_extension_days: int = 90  # how far ahead a specialist may extend a chat
     chat_edit_seconds: int = 900  # how long an author may still edit or delete a message
     chat_send_writers: int = 1  # groups of sends written at once (app/chat/sending.py)
+    chat_write_timeout_seconds: float = 5.0  # a group's statement waiting longer fails the group (503)
     ws_heartbeat_seconds: float = 30.0  # a socket silent for longer is closed; clients ping within it
     ws_queue_limit: int = 1000  # events waiting for one slow socket before it is let go
 

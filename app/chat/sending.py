@@ -37,8 +37,9 @@ class Waiting:
 
 class SendQueue:
     def __init__(self, database: Database, rules: SendRules, bus: Bus, writers: int = 1,
-                 max_group: int = 200) -> None:
+                 max_group: int = 200, timeout: float = 5.0) -> None:
         self.database = database
+        self.timeout = timeout
         self.rules = rules
         self.bus = bus
         self.max_group = max_group
@@ -106,7 +107,7 @@ class SendQueue:
 
     async def _commit(self, sends: list[Send]) -> tuple[list[Sent | DomainError], streams.Staged]:
         staged = streams.Staged()
-        async with open_store(self.database) as store:
+        async with open_store(self.database, statement_seconds=self.timeout) as store:
             outcomes = await self.rules.write(store, staged, sends)
         return outcomes, staged
 

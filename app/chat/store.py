@@ -159,14 +159,14 @@ FROM unnest($1::uuid[], $2::uuid[], $3::jsonb[], $5::jsonb[]) AS o(id, aggregate
 
 
 @asynccontextmanager
-async def open_store(database: Database) -> AsyncIterator[SendStore]:
+async def open_store(database: Database, statement_seconds: float = 5.0) -> AsyncIterator[SendStore]:
     """A store in a transaction of its own, committed when the block ends without an error."""
     if database.engine.dialect.name == "postgresql":
         async with database.engine.connect() as connection:
             driver = (await connection.get_raw_connection()).driver_connection
             assert driver is not None
             async with driver.transaction():
-                yield PgSendStore(driver)
+                yield PgSendStore(driver, statement_seconds)
     else:
         async with database.writer() as session:
             yield SqlSendStore(session)
@@ -178,13 +178,18 @@ def _json(value: Any) -> str:
 
 
 class PgSendStore:
-    """Straight through asyncpg, inside the transaction the caller opened on this connection."""
+    """Straight through asyncpg, inside the transaction the caller opened on this connection.
 
-    def __init__(self, connection: asyncpg.Connection) -> None:
+    Each statement gives up after `timeout` seconds (a row lock held elsewhere, say): the group is refused
+    with 503 and the writer goes on with the next one instead of every send in the process waiting."""
+
+    def __init__(self, connection: asyncpg.Connection, timeout: float) -> None:
         self.connection = connection
+        self.timeout = timeout
 
     async def parties(self, conversation_ids: Sequence[UUID]) -> list[PartyRow]:
-        return [PartyRow(*row) for row in await self.connection.fetch(PG_PARTIES, list(conversation_ids))]
+        return [PartyRow(*row) for row in await self.connection.fetch(PG_PARTIES, list(conversation_ids),
+                                                                           timeout=self.timeout)]
 
     async def insert_messages(self, messages: list[MessageOut]) -> set[UUID]:
         if not messages:
@@ -193,32 +198,36 @@ class PgSendStore:
             PG_INSERT_MESSAGES, [m.id for m in messages], [m.conversation_id for m in messages],
             [m.author_id for m in messages], [m.kind for m in messages], [m.text for m in messages],
             [_json(m.document_ids) for m in messages], [m.client_id for m in messages],
-            [m.created_at for m in messages])
+            [m.created_at for m in messages], timeout=self.timeout)
         return {row[0] for row in rows}
 
     async def first_copy(self, send: Send) -> MessageOut:
-        row = await self.connection.fetchrow(PG_FIRST_COPY, send.conversation_id, send.author_id, send.client_id)
+        row = await self.connection.fetchrow(PG_FIRST_COPY, send.conversation_id, send.author_id, send.client_id,
+                                             timeout=self.timeout)
         assert row is not None
         return MessageOut(id=row[0], conversation_id=row[1], author_id=row[2], kind=row[3], text=row[4],
                           document_ids=msgspec.json.decode(row[5]), client_id=row[6], created_at=row[7],
                           edited_at=row[8], deleted=row[9] is not None)
 
     async def delete_messages(self, ids: list[UUID]) -> None:
-        await self.connection.execute("DELETE FROM message WHERE id = ANY($1::uuid[])", ids)
+        await self.connection.execute("DELETE FROM message WHERE id = ANY($1::uuid[])", ids, timeout=self.timeout)
 
     async def number_streams(self, counts: dict[UUID, int]) -> dict[UUID, int]:
         users = list(counts)
-        rows = await self.connection.fetch(PG_NUMBER_STREAMS, users, [counts[u] for u in users])
+        rows = await self.connection.fetch(PG_NUMBER_STREAMS, users, [counts[u] for u in users],
+                                           timeout=self.timeout)
         return {row[0]: row[1] for row in rows}
 
     async def insert_events(self, events: list[streams.Event]) -> None:
         if events:
             await self.connection.execute(
                 PG_INSERT_EVENTS, [e.recipient_id for e in events], [e.seq for e in events],
-                [e.type for e in events], [_json(e.data) for e in events], dt.datetime.now(dt.UTC))
+                [e.type for e in events], [_json(e.data) for e in events], dt.datetime.now(dt.UTC),
+                timeout=self.timeout)
 
     async def stage_pushes(self, pushes: list[Push]) -> None:
         if pushes:
             await self.connection.execute(
                 PG_INSERT_OUTBOX, [uuid7() for _ in pushes], [p[0] for p in pushes],
-                [_json(p[1]) for p in pushes], dt.datetime.now(dt.UTC), [_json(p[2]) for p in pushes])
+                [_json(p[1]) for p in pushes], dt.datetime.now(dt.UTC), [_json(p[2]) for p in pushes],
+                timeout=self.timeout)

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.chat import streams
 from app.chat.hub import InProcessBus, InProcessPresence
-from app.chat.models import Message, UserEvent
+from app.chat.models import Message, UserEvent, UserStream
 from app.chat.sending import SendQueue
 from app.chat.service import ChatService, SendRules
 from app.chat.store import Send, open_store
@@ -24,7 +24,7 @@ from app.errors import Conflict, NotVisible, TooMany, Unavailable
 from app.limits import InProcessLimiter
 from app.services import accounts_for
 from app.settings import Settings
-from tests.conftest import Session
+from tests.conftest import POSTGRES, Session
 from tests.integration.test_chat import confirmed_visit, send
 
 
@@ -111,9 +111,10 @@ class RecordingBus(InProcessBus):
         self.published.append(streams.decode(raw))
 
 
-def queue_for(settings: Settings, bus: InProcessBus) -> SendQueue:
+def queue_for(settings: Settings, bus: InProcessBus, timeout: float = 5.0) -> SendQueue:
     """A send queue on this test's loop (the app's own runs on the app's loop)."""
-    return SendQueue(Database(settings), SendRules(settings, InProcessLimiter(), InProcessPresence(60)), bus)
+    return SendQueue(Database(settings), SendRules(settings, InProcessLimiter(), InProcessPresence(60)), bus,
+                     timeout=timeout)
 
 
 async def test_concurrent_sends_share_groups_and_land_in_order_on_both_streams(
@@ -160,3 +161,34 @@ async def test_sends_waiting_when_the_queue_stops_are_told_to_retry(
     await queue.database.dispose()
     assert [type(o) for o in outcomes] == [Unavailable] * 3
     assert all(isinstance(o, Unavailable) and o.extra["reason"] == "chat_unavailable" for o in outcomes)
+
+
+@pytest.mark.skipif(not POSTGRES, reason="asyncpg's statement timeout: PostgreSQL only")
+async def test_a_group_stuck_behind_a_lock_is_refused_and_the_retry_lands(
+    client: AsyncTestClient[Any], specialist: Callable[..., Any], service: Callable[..., Any], patient: Session,
+    book: Callable[..., Any], staff: Callable[..., Any], session_maker: async_sessionmaker[AsyncSession],
+    test_settings: Settings,
+) -> None:
+    doctor, visit_type = await specialist(), await service()
+    visit = await confirmed_visit(client, book, staff, patient, doctor, visit_type)
+    conversation_id = uuid.UUID(visit["conversation_id"])
+    queue = queue_for(test_settings, RecordingBus(), timeout=0.5)
+    writer = asyncio.create_task(queue.run())
+    await asyncio.sleep(0)
+    send_ = Send(patient.id, conversation_id, "are you there?", "stuck-1")
+    try:
+        async with session_maker() as holder:  # another transaction holds the doctor's stream row
+            await holder.execute(select(UserStream).where(UserStream.user_id == doctor.id).with_for_update())
+            with pytest.raises(Unavailable) as refused_:
+                await queue.send(send_)
+            await holder.rollback()
+        assert refused_.value.extra["reason"] == "chat_unavailable"
+        async with session_maker() as session:
+            assert await session.scalar(select(Message.id).where(Message.client_id == "stuck-1")) is None
+        message, created = await queue.send(send_)  # the client's retry: written now, once
+        assert created
+        assert message.text == "are you there?"
+        assert (await queue.send(send_)) == (message, False)
+    finally:
+        writer.cancel()
+        await queue.database.dispose()
