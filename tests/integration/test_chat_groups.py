@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import msgspec
@@ -26,6 +27,15 @@ from app.services import accounts_for
 from app.settings import Settings
 from tests.conftest import POSTGRES, Session
 from tests.integration.test_chat import confirmed_visit, send
+
+
+@pytest.fixture
+async def open_chat(client: AsyncTestClient[Any], specialist: Callable[..., Any], service: Callable[..., Any],
+                    patient: Session, book: Callable[..., Any], staff: Callable[..., Any],
+                    ) -> tuple[Session, dict[str, Any]]:
+    """A doctor and a confirmed visit of the patient's with them: their chat takes messages."""
+    doctor = await specialist()
+    return doctor, await confirmed_visit(client, book, staff, patient, doctor, await service())
 
 
 async def stream_of(session_maker: async_sessionmaker[AsyncSession], user: Session) -> list[tuple[int, str, Any]]:
@@ -117,25 +127,29 @@ def queue_for(settings: Settings, bus: InProcessBus, timeout: float = 5.0) -> Se
                      timeout=timeout)
 
 
-async def test_concurrent_sends_share_groups_and_land_in_order_on_both_streams(
-    client: AsyncTestClient[Any], specialist: Callable[..., Any], service: Callable[..., Any], patient: Session,
-    book: Callable[..., Any], staff: Callable[..., Any], session_maker: async_sessionmaker[AsyncSession],
-    test_settings: Settings,
-) -> None:
-    doctor, visit_type = await specialist(), await service()
-    visit = await confirmed_visit(client, book, staff, patient, doctor, visit_type)
-    conversation_id = uuid.UUID(visit["conversation_id"])
-    before = len(await stream_of(session_maker, doctor))
-    bus = RecordingBus()
-    queue = queue_for(test_settings, bus)
+@asynccontextmanager
+async def writing(queue: SendQueue) -> AsyncIterator[SendQueue]:
+    """The queue with its writer running, stopped and its database closed afterwards."""
     writer = asyncio.create_task(queue.run())
     await asyncio.sleep(0)
     try:
-        answers = await asyncio.gather(*(queue.send(Send((patient if i % 2 else doctor).id, conversation_id,
-                                                         f"m{i}", f"c{i}")) for i in range(40)))
+        yield queue
     finally:
         writer.cancel()
         await queue.database.dispose()
+
+
+async def test_concurrent_sends_share_groups_and_land_in_order_on_both_streams(
+    open_chat: tuple[Session, dict[str, Any]], patient: Session, session_maker: async_sessionmaker[AsyncSession],
+    test_settings: Settings,
+) -> None:
+    doctor, visit = open_chat
+    conversation_id = uuid.UUID(visit["conversation_id"])
+    before = len(await stream_of(session_maker, doctor))
+    bus = RecordingBus()
+    async with writing(queue_for(test_settings, bus)) as queue:
+        answers = await asyncio.gather(*(queue.send(Send((patient if i % 2 else doctor).id, conversation_id,
+                                                         f"m{i}", f"c{i}")) for i in range(40)))
     assert [created for _, created in answers] == [True] * 40
     assert len(bus.published) < 40  # they shared groups
     assert sum(len(p) for p in bus.published) == 80  # each message to both sides, once
@@ -165,18 +179,13 @@ async def test_sends_waiting_when_the_queue_stops_are_told_to_retry(
 
 @pytest.mark.skipif(not POSTGRES, reason="asyncpg's statement timeout: PostgreSQL only")
 async def test_a_group_stuck_behind_a_lock_is_refused_and_the_retry_lands(
-    client: AsyncTestClient[Any], specialist: Callable[..., Any], service: Callable[..., Any], patient: Session,
-    book: Callable[..., Any], staff: Callable[..., Any], session_maker: async_sessionmaker[AsyncSession],
+    open_chat: tuple[Session, dict[str, Any]], patient: Session, session_maker: async_sessionmaker[AsyncSession],
     test_settings: Settings,
 ) -> None:
-    doctor, visit_type = await specialist(), await service()
-    visit = await confirmed_visit(client, book, staff, patient, doctor, visit_type)
+    doctor, visit = open_chat
     conversation_id = uuid.UUID(visit["conversation_id"])
-    queue = queue_for(test_settings, RecordingBus(), timeout=0.5)
-    writer = asyncio.create_task(queue.run())
-    await asyncio.sleep(0)
     send_ = Send(patient.id, conversation_id, "are you there?", "stuck-1")
-    try:
+    async with writing(queue_for(test_settings, RecordingBus(), timeout=0.5)) as queue:
         async with session_maker() as holder:  # another transaction holds the doctor's stream row
             await holder.execute(select(UserStream).where(UserStream.user_id == doctor.id).with_for_update())
             with pytest.raises(Unavailable) as refused_:
@@ -189,6 +198,3 @@ async def test_a_group_stuck_behind_a_lock_is_refused_and_the_retry_lands(
         assert created
         assert message.text == "are you there?"
         assert (await queue.send(send_)) == (message, False)
-    finally:
-        writer.cancel()
-        await queue.database.dispose()
