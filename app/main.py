@@ -73,9 +73,12 @@ def create_app(settings: Settings) -> Litestar:
 
     @asynccontextmanager
     async def backing_services(app: Litestar) -> AsyncIterator[None]:
-        # a blocking pool: at a peak, callers wait for a connection instead of failing
+        # a blocking pool: at a peak, callers wait for a connection instead of failing; a Redis that stops
+        # answering fails commands after a while instead of hanging them (pub/sub reads still wait for events)
         redis = Redis(connection_pool=BlockingConnectionPool.from_url(
-            settings.redis_url, max_connections=settings.redis_pool_size, timeout=5)) if settings.redis_url else None
+            settings.redis_url, max_connections=settings.redis_pool_size, timeout=settings.redis_timeout_seconds,
+            socket_timeout=settings.redis_timeout_seconds, socket_connect_timeout=settings.redis_timeout_seconds,
+        )) if settings.redis_url else None
         presence_ttl = settings.ws_heartbeat_seconds * 2
         store = object_store(settings)
         hub = Hub()

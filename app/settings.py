@@ -23,6 +23,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     database_url: str = ""  # empty: sqlite file under data_dir
     redis_url: str | None = None  # None: in-process pub/sub and rate limits
     redis_pool_size: int = 100  # connections per process; more callers wait for one
+    redis_timeout_seconds: float = 5.0  # a command unanswered this long fails instead of hanging its caller
     s3_endpoint_url: str | None = None  # None: local-disk object store under data_dir/objects
     s3_bucket: str = "clinic"
     s3_access_key: str | None = None

@@ -309,6 +309,7 @@ class SendRules:
 
     async def write(self, store: SendStore, staged: streams.Staged, sends: list[Send]) -> list[Sent | DomainError]:
         outcomes: list[Sent | DomainError | None] = [None] * len(sends)
+        # who may write where: the people of each conversation, in one query
         parties = parties_of(await store.parties(sorted({s.conversation_id for s in sends})))
         firsts: dict[tuple[UUID, UUID, str], int] = {}  # the same send twice in one group: one write
         twins: dict[int, int] = {}
@@ -327,10 +328,12 @@ class SendRules:
             rows.append((i, MessageOut(id=uuid7(), conversation_id=send.conversation_id, author_id=send.author_id,
                                        kind="text", text=send.text, document_ids=[], client_id=send.client_id,
                                        created_at=now)))
+        # write them all; a retry clashes with its first copy and answers that
         created = await store.insert_messages([m for _, m in rows])
         for i, message in rows:
             if message.id not in created:  # a retry (rare: a lost answer)
                 outcomes[i] = (await store.first_copy(sends[i]), False)
+        # then the checks: closed conversations and rate limits refuse, and what they refuse goes again
         fresh = [(i, m) for i, m in rows if m.id in created]
         open_ = []
         for i, message in fresh:
@@ -353,6 +356,7 @@ class SendRules:
         refused = [m.id for i, m in fresh if not isinstance(outcomes[i], tuple)]
         if refused:
             await store.delete_messages(refused)
+        # message.new into each of the people's streams, carrying the message as the REST answer shapes it
         events = [(parties[m.conversation_id].people, "message.new", msgspec.to_builtins(m)) for _, m in accepted]
         counts = streams.tally(events)
         if counts:

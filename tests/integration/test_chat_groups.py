@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -25,7 +27,7 @@ from app.errors import Conflict, NotVisible, TooMany, Unavailable
 from app.limits import InProcessLimiter
 from app.services import accounts_for
 from app.settings import Settings
-from tests.conftest import POSTGRES, Session
+from tests.conftest import POSTGRES, Session, refused, running
 from tests.integration.test_chat import confirmed_visit, send
 
 
@@ -198,3 +200,23 @@ async def test_a_group_stuck_behind_a_lock_is_refused_and_the_retry_lands(
         assert created
         assert message.text == "are you there?"
         assert (await queue.send(send_)) == (message, False)
+
+
+async def test_a_send_answers_503_when_redis_stops_answering(
+    open_chat: tuple[Session, dict[str, Any]], patient: Session, test_settings: Settings,
+) -> None:
+    _, visit = open_chat
+    silent = socket.socket()  # takes connections (the kernel's backlog) and never says a word
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    port = silent.getsockname()[1]
+    stalled = msgspec.structs.replace(test_settings, redis_url=f"redis://127.0.0.1:{port}/0", redis_timeout_seconds=0.3)
+    try:
+        async with running(stalled) as client:
+            started = time.monotonic()
+            answer = await send(client, patient, visit["conversation_id"], "is anyone there?", client_id="silent-1")
+            waited = time.monotonic() - started
+    finally:
+        silent.close()
+    refused(answer, 503, "chat_unavailable")
+    assert waited < 5  # the send was refused, not left hanging
