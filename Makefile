@@ -51,6 +51,7 @@ bench: install-test services-packages
 	$(BIN)/python -m tests.harness $(BIN)/python -m bench.accounts
 	$(BIN)/python -m tests.harness $(BIN)/python -m bench.scheduling
 	$(BIN)/python -m tests.harness $(BIN)/python -m bench.chat
+	$(BIN)/python -m tests.harness $(BIN)/python -m bench.chat_writer
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache
