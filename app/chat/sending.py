@@ -36,6 +36,8 @@ class Waiting:
 
 
 class SendQueue:
+    """Every chat send of this process passes here: the REST handler waits on its answer."""
+
     def __init__(self, database: Database, rules: SendRules, bus: Bus, writers: int = 1,
                  max_group: int = 200, timeout: float = 5.0) -> None:
         self.database = database
