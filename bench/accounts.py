@@ -28,7 +28,6 @@ import random
 import signal
 import sys
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,8 +58,10 @@ from bench.common import (
     run_benchmark,
     server_log_lines,
     start_server,
+    status_is,
     stop_server,
     tail,
+    timed,
     wait_ready,
 )
 
@@ -136,58 +137,10 @@ async def scenario_login(clients: list[Http], inbox: SmsInbox, pids: Pids, login
 # --- scenario B: GET /api/v1/me ---------------------------------------------------------------
 
 
-@dataclass
-class MeWindow:
-    start: float = float("inf")
-    end: float = float("inf")
-    stop: bool = False
-    latencies: list[float] = field(default_factory=list)
-    statuses: Counter[int] = field(default_factory=Counter)
-    errors: Errors = field(default_factory=Errors)  # anything but 200, warm-up included
-
-
-async def me_worker(http: Http, token: str, w: MeWindow) -> None:
-    while not w.stop:
-        t0 = time.perf_counter()
-        try:
-            status, body = await http.request("GET", "/api/v1/me", token=token)
-        except TRANSPORT_ERRORS as exc:
-            w.errors.add(f"me {type(exc).__name__}", str(exc))
-            await asyncio.sleep(0.01)  # do not spin on a dead server
-            continue
-        t1 = time.perf_counter()
-        if status != 200:
-            w.errors.add(f"me {status}", body.decode(errors="replace"))
-        if w.start <= t1 <= w.end:  # counted by completion time inside the measured window
-            w.statuses[status] += 1
-            if status == 200:
-                w.latencies.append(t1 - t0)
-
-
 async def scenario_me(clients: list[Http], tokens: list[str], pids: Pids, warmup: float,
                       seconds: float) -> dict[str, Any]:
-    w = MeWindow()
-    workers = [asyncio.create_task(me_worker(c, tokens[i % len(tokens)], w)) for i, c in enumerate(clients)]
-    try:
-        await asyncio.sleep(warmup)
-        before = CpuSnapshot.take(pids)
-        w.start = before.wall
-        await asyncio.sleep(seconds)
-        after = CpuSnapshot.take(pids)
-        w.end = after.wall
-    finally:
-        w.stop = True
-        await asyncio.gather(*workers, return_exceptions=True)
-    usage = cpu_used(before, after)
-    done = sum(w.statuses.values())
-    return {
-        "tokens_used": len(tokens), "requests": done,
-        "requests_per_s": round(done / usage["wall_s"], 1) if usage["wall_s"] else 0.0,
-        **latency_summary(w.latencies),
-        "non_200": done - w.statuses.get(200, 0), "errors": w.errors.total,
-        "error_kinds": dict(w.errors.counts), "error_samples": w.errors.samples,
-        **usage, **{f"server_{k}_mib": round(v, 1) for k, v in proc_memory_mib(pids.server).items()},
-    }
+    report = await timed(clients, "/api/v1/me", tokens, None, status_is(200), pids, warmup, seconds)
+    return {"tokens_used": len(tokens), **report}
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -199,7 +152,7 @@ def print_table(result: dict[str, Any]) -> None:
         ("latency p50 ms", f"{a['p50_ms']}", f"{b['p50_ms']}"),
         ("latency p99 ms", f"{a['p99_ms']}", f"{b['p99_ms']}"),
         ("latency max ms", f"{a['max_ms']}", f"{b['max_ms']}"),
-        ("errors / non-200", f"{a['errors']}", f"{b['errors']} / {b['non_200']} in window"),
+        ("errors / non-200", f"{a['errors']}", f"{b['errors']} / {b['wrong_in_window']} in window"),
         ("wall s", f"{a['wall_s']}", f"{b['wall_s']} (+{result['config']['warmup_s']} warm-up)"),
         ("server CPU s", f"{a['server_cpu_s']}", f"{b['server_cpu_s']}"),
         ("client CPU s", f"{a['client_cpu_s']}", f"{b['client_cpu_s']}"),
@@ -283,7 +236,7 @@ async def run(args: argparse.Namespace, tmp: Path, loop_name: str) -> tuple[dict
         "server_log": server_log_lines(tmp / "server.log"),
         "server_idle_rss_mib": round(idle_rss, 1), "pids": vars(pids), "login": report_a, "me": report_b,
     }
-    failed = bool(report_a["errors"] or report_b["errors"] or report_b["non_200"])
+    failed = bool(report_a["errors"] or report_b["errors"] or report_b["wrong_in_window"])
     return result, failed
 
 

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -361,6 +361,87 @@ class Errors:
 
 
 TRANSPORT_ERRORS = (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, HttpError)
+
+
+# --- a timed window of GETs: clients loop as fast as answers come, counted inside the window -----
+
+Check = Callable[[Http, int, bytes], str | None]  # None when the answer is right, else what is wrong
+MAX_WINDOW_REQUESTS = 2_000_000  # a bound on the count of a timed scenario, far above what one worker serves
+
+
+def text(body: bytes) -> str:
+    return body.decode(errors="replace")[:300]
+
+
+def status_is(expected: int) -> Check:
+    def check(http: Http, status: int, body: bytes) -> str | None:
+        return None if status == expected else f"status {status}"
+
+    return check
+
+
+@dataclass
+class Window:
+    start: float = float("inf")
+    end: float = float("inf")
+    stop: bool = False
+    sent: int = 0
+    latencies: list[float] = field(default_factory=list)  # of right answers inside the window
+    statuses: Counter[int] = field(default_factory=Counter)
+    wrong: int = 0  # wrong answers inside the window
+    errors: Errors = field(default_factory=Errors)  # transport errors and wrong answers, warm-up included
+
+
+async def window_worker(http: Http, path: str, token: str | None, headers: dict[str, str] | None,
+                        check: Check, w: Window) -> None:
+    while not w.stop and w.sent < MAX_WINDOW_REQUESTS:
+        w.sent += 1
+        t0 = time.perf_counter()
+        try:
+            status, body = await http.request("GET", path, token=token, headers=headers)
+        except TRANSPORT_ERRORS as exc:
+            w.errors.add(f"{type(exc).__name__}", str(exc))
+            await asyncio.sleep(0.01)  # do not spin on a dead server
+            continue
+        t1 = time.perf_counter()
+        problem = check(http, status, body)
+        if problem is not None:
+            w.errors.add(problem, text(body))
+        if w.start <= t1 <= w.end:  # counted by completion time inside the measured window
+            w.statuses[status] += 1
+            if problem is None:
+                w.latencies.append(t1 - t0)
+            else:
+                w.wrong += 1
+
+
+async def timed(clients: Sequence[Http], path: str, tokens: Sequence[str | None], headers: dict[str, str] | None,
+                check: Check, pids: Pids, warmup: float, seconds: float) -> dict[str, Any]:
+    """Every client GETs `path` in a loop (client i with tokens[i % len(tokens)]); after the warm-up, what
+    completes inside `seconds` is counted, with the CPU each process used meanwhile."""
+    w = Window()
+    workers = [asyncio.create_task(window_worker(c, path, tokens[i % len(tokens)], headers, check, w))
+               for i, c in enumerate(clients)]
+    try:
+        await asyncio.sleep(warmup)
+        before = CpuSnapshot.take(pids)
+        w.start = before.wall
+        await asyncio.sleep(seconds)
+        after = CpuSnapshot.take(pids)
+        w.end = after.wall
+    finally:
+        w.stop = True
+        await asyncio.gather(*workers, return_exceptions=True)
+    usage = cpu_used(before, after)
+    done = sum(w.statuses.values())
+    return {
+        "path": path, "requests": done,
+        "requests_per_s": round(done / usage["wall_s"], 1) if usage["wall_s"] else 0.0,
+        **latency_summary(w.latencies), "statuses": {str(k): v for k, v in sorted(w.statuses.items())},
+        "wrong_in_window": w.wrong, "errors": w.errors.total, "error_kinds": dict(w.errors.counts),
+        "error_samples": w.errors.samples, **usage,
+        **{f"server_{k}_mib": round(v, 1) for k, v in proc_memory_mib(pids.server).items()},
+    }
 
 
 # --- database and server ----------------------------------------------------------------------

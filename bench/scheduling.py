@@ -48,6 +48,7 @@ import msgspec
 
 from bench.common import (
     TRANSPORT_ERRORS,
+    Check,
     CpuSnapshot,
     DbStats,
     Errors,
@@ -71,6 +72,8 @@ from bench.common import (
     start_server,
     stop_server,
     tail,
+    text,
+    timed,
     wait_ready,
 )
 
@@ -79,7 +82,6 @@ SPECIALTY = "endocrinology"
 CALENDAR_SLOT_MINUTES = 20  # 72 slots a day
 RACE_SLOT_MINUTES = 10
 RACE_DAY_START = 8 * 60  # the race doctor's day starts at 08:00, so at most 96 ten-minute slots
-MAX_WINDOW_REQUESTS = 2_000_000  # a bound on the count of a timed scenario, far above what one worker serves
 T = TypeVar("T")
 
 
@@ -99,10 +101,6 @@ def reason_of(body: bytes) -> str | None:
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
     return reason if isinstance(reason, str) else None
-
-
-def text(body: bytes) -> str:
-    return body.decode(errors="replace")[:300]
 
 
 @contextlib.asynccontextmanager
@@ -217,70 +215,6 @@ async def arrange(args: argparse.Namespace, port: int, inbox: SmsInbox, admin_ph
 
 
 # --- timed scenarios (A, C, D): N clients for a fixed time after a warm-up --------------------
-
-Check = Callable[[RawConnection, int, bytes], str | None]  # None when the answer is right, else what is wrong
-
-
-@dataclass
-class Window:
-    start: float = float("inf")
-    end: float = float("inf")
-    stop: bool = False
-    sent: int = 0
-    latencies: list[float] = field(default_factory=list)  # of right answers inside the window
-    statuses: Counter[int] = field(default_factory=Counter)
-    wrong: int = 0  # wrong answers inside the window
-    errors: Errors = field(default_factory=Errors)  # transport errors and wrong answers, warm-up included
-
-
-async def window_worker(http: RawConnection, path: str, token: str | None, headers: dict[str, str] | None,
-                        check: Check, w: Window) -> None:
-    while not w.stop and w.sent < MAX_WINDOW_REQUESTS:
-        w.sent += 1
-        t0 = time.perf_counter()
-        try:
-            status, body = await http.request("GET", path, token=token, headers=headers)
-        except TRANSPORT_ERRORS as exc:
-            w.errors.add(f"{type(exc).__name__}", str(exc))
-            await asyncio.sleep(0.01)  # do not spin on a dead server
-            continue
-        t1 = time.perf_counter()
-        problem = check(http, status, body)
-        if problem is not None:
-            w.errors.add(problem, text(body))
-        if w.start <= t1 <= w.end:  # counted by completion time inside the measured window
-            w.statuses[status] += 1
-            if problem is None:
-                w.latencies.append(t1 - t0)
-            else:
-                w.wrong += 1
-
-
-async def timed(clients: list[RawConnection], path: str, token: str | None, headers: dict[str, str] | None,
-                check: Check, pids: Pids, warmup: float, seconds: float) -> dict[str, Any]:
-    w = Window()
-    workers = [asyncio.create_task(window_worker(c, path, token, headers, check, w)) for c in clients]
-    try:
-        await asyncio.sleep(warmup)
-        before = CpuSnapshot.take(pids)
-        w.start = before.wall
-        await asyncio.sleep(seconds)
-        after = CpuSnapshot.take(pids)
-        w.end = after.wall
-    finally:
-        w.stop = True
-        await asyncio.gather(*workers, return_exceptions=True)
-    usage = cpu_used(before, after)
-    done = sum(w.statuses.values())
-    return {
-        "path": path, "requests": done,
-        "requests_per_s": round(done / usage["wall_s"], 1) if usage["wall_s"] else 0.0,
-        **latency_summary(w.latencies), "statuses": {str(k): v for k, v in sorted(w.statuses.items())},
-        "wrong_in_window": w.wrong, "errors": w.errors.total, "error_kinds": dict(w.errors.counts),
-        "error_samples": w.errors.samples, **usage,
-        **{f"server_{k}_mib": round(v, 1) for k, v in proc_memory_mib(pids.server).items()},
-    }
-
 
 def calendar_check(expected: int) -> Check:
     def check(http: RawConnection, status: int, body: bytes) -> str | None:
@@ -510,7 +444,7 @@ async def run(args: argparse.Namespace, tmp: Path, loop_name: str) -> dict[str, 
                     redis=find_redis_pid(redis_port) if redis_port else None)
         q = urlencode({"from": arranged.day.isoformat(), "to": arranged.day.isoformat(), "tz": TZ})
         async with connections(port, args.concurrency) as clients:
-            calendar = await timed(clients, f"/api/v1/consultations?{q}", arranged.doctor_token, None,
+            calendar = await timed(clients, f"/api/v1/consultations?{q}", [arranged.doctor_token], None,
                                    calendar_check(arranged.calendar_visits), pids, args.warmup, args.seconds)
         race = await scenario_race(port, arranged, pids, args.race_seconds, pg_dsn(postgres_url, db_name))
         feed_path = f"/api/v1/slots/feed?specialty={SPECIALTY}"
@@ -520,9 +454,9 @@ async def run(args: argparse.Namespace, tmp: Path, loop_name: str) -> dict[str, 
             if status != 200 or not etag:
                 raise RuntimeError(f"feed: {status}, ETag {etag!r}: {text(body)}")
             feed_items = len(msgspec.json.decode(body, type=PageHead).items)
-            feed = await timed(clients, feed_path, None, None, feed_check(200, etag, len(body)), pids,
+            feed = await timed(clients, feed_path, [None], None, feed_check(200, etag, len(body)), pids,
                                args.warmup, args.seconds)
-            feed_304 = await timed(clients, feed_path, None, {"If-None-Match": etag}, feed_check(304, etag, 0),
+            feed_304 = await timed(clients, feed_path, [None], {"If-None-Match": etag}, feed_check(304, etag, 0),
                                    pids, args.warmup, args.seconds)
         if proc.poll() is not None:
             raise RuntimeError(f"server died during the run:\n{tail(tmp / 'server.log')}")
