@@ -65,22 +65,35 @@ def book(client: AsyncTestClient[Any]) -> Callable[..., Any]:
 
 
 @pytest.fixture
-def completed_visit(client: AsyncTestClient[Any], book: Callable[..., Any],
-                    staff: Callable[..., Any]) -> Callable[..., Any]:
-    """Take a patient through one whole in-person visit: book, confirm, start, complete."""
+def visit_until(client: AsyncTestClient[Any], book: Callable[..., Any],
+                staff: Callable[..., Any]) -> Callable[..., Any]:
+    """Book the n-th free slot (nth >= 1: at least half an hour ahead, so no slot begins while the test runs)
+    and take the visit to `until`: booked, confirmed, in_progress or completed. A first booking is confirmed
+    by a registrar, made once per test."""
+    registrars: list[Session] = []
 
-    async def do(patient: Session, specialist: Session, service: dict[str, Any], nth: int = 0) -> dict[str, Any]:
-        booked = await book(patient, specialist, service, nth=nth)
-        assert booked.status_code == 201, booked.text
-        visit = booked.json()
+    async def advance(who: Session, visit: dict[str, Any], command: str) -> dict[str, Any]:
+        answer = await client.post(f"/api/v1/consultations/{visit['id']}/{command}", headers=who.headers)
+        assert answer.status_code == 200, answer.text
+        body: dict[str, Any] = answer.json()
+        return body
+
+    async def do(patient: Session, specialist: Session, service: dict[str, Any], until: str = "confirmed", *,
+                 nth: int = 0, **extra: Any) -> dict[str, Any]:
+        answer = await book(patient, specialist, service, nth=nth, **extra)
+        assert answer.status_code == 201, answer.text
+        visit: dict[str, Any] = answer.json()
+        if until == "booked":
+            return visit
         if visit["status"] == "pending_confirmation":
-            registrar = await staff("registrar")
-            confirm = await client.post(f"/api/v1/consultations/{visit['id']}/confirm", headers=registrar.headers)
-            assert confirm.status_code == 200, confirm.text
-        for step in ("start", "complete"):
-            answer = await client.post(f"/api/v1/consultations/{visit['id']}/{step}", headers=specialist.headers)
-            assert answer.status_code == 200, answer.text
-        done: dict[str, Any] = answer.json()
-        return done
+            if not registrars:
+                registrars.append(await staff("registrar"))
+            visit = await advance(registrars[0], visit, "confirm")
+        if until in ("in_progress", "completed"):
+            visit = await advance(specialist, visit, "start")
+        if until == "completed":
+            visit = await advance(specialist, visit, "complete")
+        assert visit["status"] == until, visit
+        return visit
 
     return do

@@ -88,26 +88,26 @@ async def test_booking_with_the_hold_converts_it(
 
 
 async def test_online_needs_a_completed_in_person_visit_first(
-    client: AsyncTestClient[Any], specialist: Callable[..., Any], service: Callable[..., Any], patient: Session,
-    book: Callable[..., Any], completed_visit: Callable[..., Any],
+    specialist: Callable[..., Any], service: Callable[..., Any], patient: Session,
+    book: Callable[..., Any], visit_until: Callable[..., Any],
 ) -> None:
     doctor, visit_type = await specialist(), await service()
     refused = await book(patient, doctor, visit_type, fmt="online")
     assert refused.status_code == 422
     assert refused.json()["extra"]["reason"] == "first_visit_in_person"
-    await completed_visit(patient, doctor, visit_type)
+    await visit_until(patient, doctor, visit_type, "completed")
     online = await book(patient, doctor, visit_type, fmt="online", nth=1)
     assert online.status_code == 201, online.text
     assert online.json()["status"] == "confirmed"  # no longer a first-time patient
 
 
 async def test_in_person_only_services_are_never_online(
-    client: AsyncTestClient[Any], specialist: Callable[..., Any], service: Callable[..., Any], patient: Session,
-    book: Callable[..., Any], completed_visit: Callable[..., Any],
+    specialist: Callable[..., Any], service: Callable[..., Any], patient: Session,
+    book: Callable[..., Any], visit_until: Callable[..., Any],
 ) -> None:
     sonographer = await specialist("sonographer", ["ultrasound"])
     ultrasound = await service("ultrasound", in_person_only=True, stage="single")
-    await completed_visit(patient, sonographer, ultrasound)
+    await visit_until(patient, sonographer, ultrasound, "completed")
     refused = await book(patient, sonographer, ultrasound, fmt="online", nth=1)
     assert refused.status_code == 422
     assert refused.json()["extra"]["reason"] == "service_in_person_only"
@@ -183,7 +183,7 @@ async def test_the_front_desk_books_by_phone_without_duplicate_cards(
 
 
 async def test_staff_roles_that_do_not_book_are_refused(
-    client: AsyncTestClient[Any], specialist: Callable[..., Any], service: Callable[..., Any],
+    specialist: Callable[..., Any], service: Callable[..., Any],
     staff: Callable[..., Any], book: Callable[..., Any],
 ) -> None:
     doctor, visit_type = await specialist(), await service()

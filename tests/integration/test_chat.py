@@ -18,18 +18,6 @@ from app.settings import Settings
 from tests.conftest import Session, running
 
 
-async def confirmed_visit(client: AsyncTestClient[Any], book: Callable[..., Any], staff: Callable[..., Any],
-                          patient: Session, specialist: Session, service: dict[str, Any], nth: int = 0,
-                          **extra: Any) -> dict[str, Any]:
-    booked = await book(patient, specialist, service, nth=nth, **extra)
-    assert booked.status_code == 201, booked.text
-    visit: dict[str, Any] = booked.json()
-    if visit["status"] == "pending_confirmation":
-        registrar = await staff("registrar")
-        visit = (await client.post(f"/api/v1/consultations/{visit['id']}/confirm", headers=registrar.headers)).json()
-    return visit
-
-
 async def send(client: AsyncTestClient[Any], who: Session, conversation_id: str, text: str,
                client_id: str | None = None) -> Any:
     return await client.post(f"/api/v1/chats/{conversation_id}/messages", headers=who.headers,
@@ -62,10 +50,10 @@ async def test_a_confirmed_consultation_opens_the_chat_and_its_end_closes_it(
 
 async def test_the_specialist_extends_a_closed_chat(
     client: AsyncTestClient[Any], specialist: Callable[..., Any], service: Callable[..., Any], patient: Session,
-    completed_visit: Callable[..., Any],
+    visit_until: Callable[..., Any],
 ) -> None:
     doctor, visit_type = await specialist(), await service()
-    visit = await completed_visit(patient, doctor, visit_type)
+    visit = await visit_until(patient, doctor, visit_type, "completed")
     until = (dt.datetime.now(dt.UTC) + dt.timedelta(days=3)).isoformat()
     assert (await client.post(f"/api/v1/consultations/{visit['id']}/chat/extend", headers=patient.headers,
                               json={"until": until})).status_code == 403
@@ -88,10 +76,10 @@ async def test_the_specialist_extends_a_closed_chat(
 
 async def test_a_retried_send_is_one_message(
     client: AsyncTestClient[Any], specialist: Callable[..., Any], service: Callable[..., Any], patient: Session,
-    book: Callable[..., Any], staff: Callable[..., Any], session_maker: async_sessionmaker[AsyncSession],
+    session_maker: async_sessionmaker[AsyncSession], visit_until: Callable[..., Any],
 ) -> None:
     doctor, visit_type = await specialist(), await service()
-    visit = await confirmed_visit(client, book, staff, patient, doctor, visit_type)
+    visit = await visit_until(patient, doctor, visit_type)
     first = await send(client, patient, visit["conversation_id"], "only once", client_id="retry-me-1")
     again = await send(client, patient, visit["conversation_id"], "only once", client_id="retry-me-1")
     assert (first.status_code, again.status_code) == (201, 200)
@@ -109,10 +97,10 @@ async def test_a_retried_send_is_one_message(
 
 async def test_bad_messages_are_refused(
     client: AsyncTestClient[Any], specialist: Callable[..., Any], service: Callable[..., Any], patient: Session,
-    book: Callable[..., Any], staff: Callable[..., Any],
+    visit_until: Callable[..., Any],
 ) -> None:
     doctor, visit_type = await specialist(), await service()
-    visit = await confirmed_visit(client, book, staff, patient, doctor, visit_type)
+    visit = await visit_until(patient, doctor, visit_type)
     url = f"/api/v1/chats/{visit['conversation_id']}/messages"
     cases = [({"client_id": "a", "text": "   "}, "message_empty"), ({"client_id": "b"}, "message_empty"),
              ({"client_id": "", "text": "x"}, "invalid_input"), ({"client_id": "x" * 65, "text": "x"}, "invalid_input"),
@@ -128,10 +116,11 @@ async def test_bad_messages_are_refused(
 
 async def test_strangers_cannot_read_or_write(
     client: AsyncTestClient[Any], specialist: Callable[..., Any], service: Callable[..., Any], patient: Session,
-    book: Callable[..., Any], staff: Callable[..., Any], login: Callable[[str], Any], new_phone: Callable[[], str],
+    staff: Callable[..., Any], login: Callable[[str], Any], new_phone: Callable[[], str],
+    visit_until: Callable[..., Any],
 ) -> None:
     doctor, visit_type = await specialist(), await service()
-    visit = await confirmed_visit(client, book, staff, patient, doctor, visit_type)
+    visit = await visit_until(patient, doctor, visit_type)
     await send(client, patient, visit["conversation_id"], "private")
     stranger = await login(new_phone())
     other_doctor = await specialist()
@@ -145,16 +134,16 @@ async def test_strangers_cannot_read_or_write(
 
 async def test_patient_sees_one_row_per_specialist_with_dependents_marked(
     client: AsyncTestClient[Any], specialist: Callable[..., Any], service: Callable[..., Any], patient: Session,
-    book: Callable[..., Any], staff: Callable[..., Any],
+    visit_until: Callable[..., Any],
 ) -> None:
     doctor = await specialist("doctor", ["endocrinology", "pediatrics"])
     adult, child_visit_type = await service(), await service("pediatrics")
     child = (await client.post("/api/v1/me/dependents", headers=patient.headers, json={
         "full_name": "Tim Testov", "birth_date": "2019-01-01", "relation": "child",
         "legal_basis": "birth certificate"})).json()
-    mine = await confirmed_visit(client, book, staff, patient, doctor, adult)
-    again = await confirmed_visit(client, book, staff, patient, doctor, adult, nth=1)
-    theirs = await confirmed_visit(client, book, staff, patient, doctor, child_visit_type, nth=2,
+    mine = await visit_until(patient, doctor, adult)
+    again = await visit_until(patient, doctor, adult, nth=1)
+    theirs = await visit_until(patient, doctor, child_visit_type, nth=2,
                                    patient_id=child["id"])
     assert mine["conversation_id"] == again["conversation_id"]  # one conversation per patient and specialist
     assert theirs["conversation_id"] != mine["conversation_id"]
@@ -173,12 +162,12 @@ async def test_patient_sees_one_row_per_specialist_with_dependents_marked(
 
 async def test_specialist_sees_a_row_per_consultation_with_one_shared_history(
     client: AsyncTestClient[Any], specialist: Callable[..., Any], service: Callable[..., Any], patient: Session,
-    book: Callable[..., Any], staff: Callable[..., Any],
+    visit_until: Callable[..., Any],
 ) -> None:
     doctor = await specialist("doctor", ["gynecology", "endocrinology"])
     gyn, endo = await service("gynecology"), await service("endocrinology")
-    first = await confirmed_visit(client, book, staff, patient, doctor, gyn)
-    second = await confirmed_visit(client, book, staff, patient, doctor, endo, nth=1)
+    first = await visit_until(patient, doctor, gyn)
+    second = await visit_until(patient, doctor, endo, nth=1)
     await send(client, patient, first["conversation_id"], "question one")
     rows = (await client.get("/api/v1/chats", headers=doctor.headers)).json()["items"]
     assert {r["consultation_id"] for r in rows} == {first["id"], second["id"]}
@@ -190,10 +179,10 @@ async def test_specialist_sees_a_row_per_consultation_with_one_shared_history(
 
 async def test_read_marks_move_forward_and_reach_the_other_side(
     client: AsyncTestClient[Any], specialist: Callable[..., Any], service: Callable[..., Any], patient: Session,
-    book: Callable[..., Any], staff: Callable[..., Any], session_maker: async_sessionmaker[AsyncSession],
+    session_maker: async_sessionmaker[AsyncSession], visit_until: Callable[..., Any],
 ) -> None:
     doctor, visit_type = await specialist(), await service()
-    visit = await confirmed_visit(client, book, staff, patient, doctor, visit_type)
+    visit = await visit_until(patient, doctor, visit_type)
     sent = [(await send(client, doctor, visit["conversation_id"], f"note {i}")).json() for i in range(3)]
     url = f"/api/v1/chats/{visit['conversation_id']}/read"
     assert (await client.post(url, headers=patient.headers, json={"up_to_message_id": sent[1]["id"]})).status_code \
@@ -211,10 +200,10 @@ async def test_read_marks_move_forward_and_reach_the_other_side(
 
 async def test_history_pages_both_ways(
     client: AsyncTestClient[Any], specialist: Callable[..., Any], service: Callable[..., Any], patient: Session,
-    book: Callable[..., Any], staff: Callable[..., Any],
+    visit_until: Callable[..., Any],
 ) -> None:
     doctor, visit_type = await specialist(), await service()
-    visit = await confirmed_visit(client, book, staff, patient, doctor, visit_type)
+    visit = await visit_until(patient, doctor, visit_type)
     texts = [f"m{i}" for i in range(7)]
     for text in texts:
         await send(client, patient, visit["conversation_id"], text)
@@ -230,10 +219,10 @@ async def test_history_pages_both_ways(
 
 async def test_an_absent_recipient_gets_a_push_through_the_outbox(
     client: AsyncTestClient[Any], specialist: Callable[..., Any], service: Callable[..., Any], patient: Session,
-    book: Callable[..., Any], staff: Callable[..., Any], session_maker: async_sessionmaker[AsyncSession],
+    session_maker: async_sessionmaker[AsyncSession], visit_until: Callable[..., Any],
 ) -> None:
     doctor, visit_type = await specialist(), await service()
-    visit = await confirmed_visit(client, book, staff, patient, doctor, visit_type)
+    visit = await visit_until(patient, doctor, visit_type)
     sent = (await send(client, doctor, visit["conversation_id"], "your results are fine")).json()
     async with session_maker() as session:
         pushes = (await session.scalars(select(OutboxEvent).where(OutboxEvent.type == "push",
@@ -245,10 +234,10 @@ async def test_an_absent_recipient_gets_a_push_through_the_outbox(
 
 async def test_sending_is_rate_limited(
     test_settings: Settings, specialist: Callable[..., Any], service: Callable[..., Any], patient: Session,
-    book: Callable[..., Any], staff: Callable[..., Any], client: AsyncTestClient[Any],
+    visit_until: Callable[..., Any],
 ) -> None:
     doctor, visit_type = await specialist(), await service()
-    visit = await confirmed_visit(client, book, staff, patient, doctor, visit_type)
+    visit = await visit_until(patient, doctor, visit_type)
     async with running(msgspec.structs.replace(test_settings, chat_sends_per_minute=3)) as strict:
         statuses = [(await send(strict, patient, visit["conversation_id"], f"spam {i}")).status_code
                     for i in range(5)]
@@ -260,10 +249,10 @@ async def test_sending_is_rate_limited(
 
 async def test_authors_edit_and_delete_shortly_after_sending(
     client: AsyncTestClient[Any], specialist: Callable[..., Any], service: Callable[..., Any], patient: Session,
-    book: Callable[..., Any], staff: Callable[..., Any], session_maker: async_sessionmaker[AsyncSession],
+    staff: Callable[..., Any], session_maker: async_sessionmaker[AsyncSession], visit_until: Callable[..., Any],
 ) -> None:
     doctor, visit_type = await specialist(), await service()
-    visit = await confirmed_visit(client, book, staff, patient, doctor, visit_type)
+    visit = await visit_until(patient, doctor, visit_type)
     url = f"/api/v1/chats/{visit['conversation_id']}/messages"
     typo = (await send(client, patient, visit["conversation_id"], "my sugar is 99")).json()
     oops = (await send(client, patient, visit["conversation_id"], "wrong chat, sorry")).json()

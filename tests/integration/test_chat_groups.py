@@ -28,16 +28,15 @@ from app.limits import InProcessLimiter
 from app.services import accounts_for
 from app.settings import Settings
 from tests.conftest import POSTGRES, Session, refused, running
-from tests.integration.test_chat import confirmed_visit, send
+from tests.integration.test_chat import send
 
 
 @pytest.fixture
-async def open_chat(client: AsyncTestClient[Any], specialist: Callable[..., Any], service: Callable[..., Any],
-                    patient: Session, book: Callable[..., Any], staff: Callable[..., Any],
-                    ) -> tuple[Session, dict[str, Any]]:
+async def open_chat(specialist: Callable[..., Any], service: Callable[..., Any], patient: Session,
+                    visit_until: Callable[..., Any]) -> tuple[Session, dict[str, Any]]:
     """A doctor and a confirmed visit of the patient's with them: their chat takes messages."""
     doctor = await specialist()
-    return doctor, await confirmed_visit(client, book, staff, patient, doctor, await service())
+    return doctor, await visit_until(patient, doctor, await service())
 
 
 async def stream_of(session_maker: async_sessionmaker[AsyncSession], user: Session) -> list[tuple[int, str, Any]]:
@@ -50,13 +49,13 @@ async def stream_of(session_maker: async_sessionmaker[AsyncSession], user: Sessi
 @pytest.mark.parametrize("route", ["session", "store"])
 async def test_one_group_answers_each_send_on_its_own(
     route: str, client: AsyncTestClient[Any], test_settings: Settings, specialist: Callable[..., Any],
-    service: Callable[..., Any], patient: Session, book: Callable[..., Any], staff: Callable[..., Any],
-    completed_visit: Callable[..., Any],
-    login: Callable[[str], Any], new_phone: Callable[[], str], session_maker: async_sessionmaker[AsyncSession],
+    service: Callable[..., Any], patient: Session,
+        login: Callable[[str], Any], new_phone: Callable[[], str], session_maker: async_sessionmaker[AsyncSession],
+    visit_until: Callable[..., Any],
 ) -> None:
     doctor, visit_type, other_doctor = await specialist(), await service(), await specialist()
-    visit = await confirmed_visit(client, book, staff, patient, doctor, visit_type)
-    closed = await completed_visit(patient, other_doctor, visit_type)
+    visit = await visit_until(patient, doctor, visit_type)
+    closed = await visit_until(patient, other_doctor, visit_type, "completed")
     stranger = await login(new_phone())
     open_id, closed_id = uuid.UUID(visit["conversation_id"]), uuid.UUID(closed["conversation_id"])
     earlier = (await send(client, patient, visit["conversation_id"], "sent before", client_id="earlier")).json()
@@ -163,7 +162,7 @@ async def test_concurrent_sends_share_groups_and_land_in_order_on_both_streams(
 
 
 async def test_sends_waiting_when_the_queue_stops_are_told_to_retry(
-    client: AsyncTestClient[Any], test_settings: Settings, patient: Session,
+    test_settings: Settings, patient: Session,
 ) -> None:
     queue = queue_for(test_settings, RecordingBus())
     with pytest.raises(Unavailable):  # not running yet

@@ -31,25 +31,6 @@ async def step(client: AsyncTestClient[Any], who: Session, visit: dict[str, Any]
     return body
 
 
-async def visit_in(client: AsyncTestClient[Any], book: Callable[..., Any], registrar: Session, who: Session,
-                   specialist: Session, svc: dict[str, Any], *, until: str = "confirmed", nth: int = 1,
-                   **extra: Any) -> dict[str, Any]:
-    """Book a slot at least half an hour ahead and take it to `until`: booked, confirmed, in_progress, completed."""
-    answer = await book(who, specialist, svc, nth=nth, **extra)
-    assert answer.status_code == 201, answer.text
-    visit: dict[str, Any] = answer.json()
-    if until == "booked":
-        return visit
-    if visit["status"] == "pending_confirmation":
-        visit = await step(client, registrar, visit, "confirm")
-    if until in ("in_progress", "completed"):
-        visit = await step(client, specialist, visit, "start")
-    if until == "completed":
-        visit = await step(client, specialist, visit, "complete")
-    assert visit["status"] == until
-    return visit
-
-
 def conclusion_url(visit: dict[str, Any]) -> str:
     return f"/api/v1/consultations/{visit['id']}/conclusion"
 
@@ -83,14 +64,14 @@ async def named(client: AsyncTestClient[Any], patient: Session, full_name: str =
 
 async def test_only_the_own_specialist_writes_once_after_the_start(
     client: AsyncTestClient[Any], patient: Session, admin: Session, staff: Callable[..., Any],
-    specialist: Callable[..., Any], service: Callable[..., Any], book: Callable[..., Any], session_maker: Maker,
+    specialist: Callable[..., Any], service: Callable[..., Any], session_maker: Maker, visit_until: Callable[..., Any],
 ) -> None:
     doctor = await specialist()
     other_doctor = await specialist()
     svc = await service()
     registrar, methodist = await staff("registrar"), await staff("methodist")
-    await visit_in(client, book, registrar, patient, other_doctor, svc, until="booked")  # in care, still not theirs
-    pending = await visit_in(client, book, registrar, patient, doctor, svc, until="booked")
+    await visit_until(patient, other_doctor, svc, until="booked", nth=1)  # in care, still not theirs
+    pending = await visit_until(patient, doctor, svc, until="booked", nth=1)
     refused(await write(client, doctor, pending, diagnoses=DIAGNOSES), 409, "consultation_not_started")
     visit = await step(client, registrar, pending, "confirm")
     refused(await write(client, doctor, visit, diagnoses=DIAGNOSES), 409, "consultation_not_started")
@@ -125,19 +106,18 @@ async def test_only_the_own_specialist_writes_once_after_the_start(
     assert ready in await live_notices(session_maker, patient.id)  # live too, to the patient's side only
     assert ready not in await live_notices(session_maker, doctor.id)
 
-    done = await visit_in(client, book, registrar, patient, doctor, svc, until="completed")
+    done = await visit_until(patient, doctor, svc, until="completed", nth=1)
     late = await written(client, doctor, done, recommendations="Repeat the ultrasound in three months")
     assert late["diagnoses"] == []  # a conclusion without a diagnosis is allowed, and after completion too
 
 
 async def test_diagnoses_are_icd10_codes_with_exactly_one_main(
-    client: AsyncTestClient[Any], patient: Session, staff: Callable[..., Any], specialist: Callable[..., Any],
-    service: Callable[..., Any], book: Callable[..., Any],
+    client: AsyncTestClient[Any], patient: Session, specialist: Callable[..., Any],
+    service: Callable[..., Any], visit_until: Callable[..., Any],
 ) -> None:
     doctor = await specialist()
     svc = await service()
-    registrar = await staff("registrar")
-    visit = await visit_in(client, book, registrar, patient, doctor, svc, until="in_progress")
+    visit = await visit_until(patient, doctor, svc, until="in_progress", nth=1)
     for code in ("U07.1", "123", "E11.", "E 11", "11E", "EE1", "E11-9", "E1", "E", "E11.12345"):
         answer = await write(client, doctor, visit, diagnoses=[{"code": code, "title": "x", "main": True}])
         refused(answer, 422, "icd10_invalid")
@@ -158,27 +138,27 @@ async def test_diagnoses_are_icd10_codes_with_exactly_one_main(
 
 
 async def test_a_lowercase_code_is_stored_in_capitals(
-    client: AsyncTestClient[Any], patient: Session, staff: Callable[..., Any], specialist: Callable[..., Any],
-    service: Callable[..., Any], book: Callable[..., Any],
+    client: AsyncTestClient[Any], patient: Session, specialist: Callable[..., Any],
+    service: Callable[..., Any], visit_until: Callable[..., Any],
 ) -> None:
     doctor = await specialist()
     svc = await service()
-    visit = await visit_in(client, book, await staff("registrar"), patient, doctor, svc, until="in_progress")
+    visit = await visit_until(patient, doctor, svc, until="in_progress", nth=1)
     ok = await written(client, doctor, visit, diagnoses=[{"code": " e11 ", "title": " Diabetes ", "main": True}])
     assert ok["diagnoses"] == [{"code": "E11", "title": "Diabetes", "main": True}]
 
 
 async def test_analysis_orders_round_trip_and_only_their_author_updates_them(
     client: AsyncTestClient[Any], patient: Session, staff: Callable[..., Any], specialist: Callable[..., Any],
-    service: Callable[..., Any], book: Callable[..., Any],
+    service: Callable[..., Any], visit_until: Callable[..., Any],
 ) -> None:
     doctor = await specialist()
     other_doctor = await specialist()
     psychologist = await specialist("psychologist", ["psychology"])
     svc = await service()
     registrar = await staff("registrar")
-    await visit_in(client, book, registrar, patient, other_doctor, svc, until="booked")
-    visit = await visit_in(client, book, registrar, patient, doctor, svc, until="in_progress")
+    await visit_until(patient, other_doctor, svc, until="booked", nth=1)
+    visit = await visit_until(patient, doctor, svc, until="in_progress", nth=1)
     ready_on = (dt.date.today() + dt.timedelta(days=5)).isoformat()
     orders = [{"name": "HbA1c", "status": "ordered", "expected_ready_on": ready_on},
               {"name": "TSH", "status": "sample_taken", "expected_ready_on": None},
@@ -216,8 +196,8 @@ async def test_analysis_orders_round_trip_and_only_their_author_updates_them(
 
 async def test_conclusion_visibility_follows_medical_secrecy(
     client: AsyncTestClient[Any], patient: Session, admin: Session, staff: Callable[..., Any],
-    specialist: Callable[..., Any], service: Callable[..., Any], book: Callable[..., Any],
-    login: Callable[[str], Any], new_phone: Callable[[], str],
+    specialist: Callable[..., Any], service: Callable[..., Any],
+    login: Callable[[str], Any], new_phone: Callable[[], str], visit_until: Callable[..., Any],
 ) -> None:
     author = await specialist()
     doctor_in_care = await specialist("doctor", ["endocrinology", "gynecology"])
@@ -229,12 +209,12 @@ async def test_conclusion_visibility_follows_medical_secrecy(
     stranger = await login(new_phone())
     endo, psy = await service(), await service("psychology")
 
-    medical = await visit_in(client, book, registrar, patient, author, endo, until="in_progress")
+    medical = await visit_until(patient, author, endo, until="in_progress", nth=1)
     by_doctor = await written(client, author, medical, diagnoses=DIAGNOSES, treatment="Metformin")
-    therapy = await visit_in(client, book, registrar, patient, psych_author, psy, until="in_progress")
+    therapy = await visit_until(patient, psych_author, psy, until="in_progress", nth=1)
     by_psych = await written(client, psych_author, therapy, recommendations="Keep a mood diary")
-    await visit_in(client, book, registrar, patient, doctor_in_care, endo, until="booked")  # a future visit is care
-    await visit_in(client, book, registrar, patient, psych_in_care, psy, until="booked")
+    await visit_until(patient, doctor_in_care, endo, until="booked", nth=1)  # a future visit is care
+    await visit_until(patient, psych_in_care, psy, until="booked", nth=1)
 
     def url(visit: dict[str, Any]) -> str:
         return conclusion_url(visit)
@@ -255,16 +235,15 @@ async def test_conclusion_visibility_follows_medical_secrecy(
 
 
 async def test_a_guardian_reads_the_conclusion_for_a_dependent(
-    client: AsyncTestClient[Any], patient: Session, staff: Callable[..., Any], specialist: Callable[..., Any],
-    service: Callable[..., Any], book: Callable[..., Any], login: Callable[[str], Any],
-    new_phone: Callable[[], str],
+    client: AsyncTestClient[Any], patient: Session, specialist: Callable[..., Any],
+    service: Callable[..., Any], login: Callable[[str], Any],
+    new_phone: Callable[[], str], visit_until: Callable[..., Any],
 ) -> None:
     pediatrician = await specialist("doctor", ["pediatrics"])
     svc = await service("pediatrics")
-    registrar = await staff("registrar")
     child = await add_child(client, patient)
-    visit = await visit_in(client, book, registrar, patient, pediatrician, svc, until="completed",
-                           patient_id=child["id"])
+    visit = await visit_until(patient, pediatrician, svc, until="completed",
+                           patient_id=child["id"], nth=1)
     assert visit["patient_id"] == child["id"]
     conclusion = await written(client, pediatrician, visit,
                                diagnoses=[{"code": "J06.9", "title": "Acute URI", "main": True}])
@@ -296,8 +275,8 @@ async def rating_notices(session_maker: Maker, consultation_id: str) -> list[Out
 
 async def test_the_patient_rates_a_completed_visit_once(
     client: AsyncTestClient[Any], patient: Session, admin: Session, staff: Callable[..., Any],
-    specialist: Callable[..., Any], service: Callable[..., Any], book: Callable[..., Any],
-    login: Callable[[str], Any], new_phone: Callable[[], str], session_maker: Maker,
+    specialist: Callable[..., Any], service: Callable[..., Any],
+    login: Callable[[str], Any], new_phone: Callable[[], str], session_maker: Maker, visit_until: Callable[..., Any],
 ) -> None:
     doctor = await specialist()
     svc = await service()
@@ -308,9 +287,9 @@ async def test_the_patient_rates_a_completed_visit_once(
         return client.post(f"/api/v1/consultations/{visit['id']}/rating", headers=who.headers, json=body)
 
     for until in ("booked", "confirmed", "in_progress"):
-        early = await visit_in(client, book, registrar, patient, doctor, svc, until=until)
+        early = await visit_until(patient, doctor, svc, until=until, nth=1)
         refused(await rate(patient, early, {"score": 5}), 409, "not_completed")
-    visit = await visit_in(client, book, registrar, patient, doctor, svc, until="completed")
+    visit = await visit_until(patient, doctor, svc, until="completed", nth=1)
     for score in (0, 6, -1, 4.5, None, "five"):
         refused(await rate(patient, visit, {"score": score}), 422, "invalid_input")
     refused(await rate(stranger, visit, {"score": 5}), 404)
@@ -336,14 +315,14 @@ async def live_notices(session_maker: Maker, user_id: UUID) -> list[dict[str, An
 
 async def test_a_poor_rating_alerts_the_admins(
     client: AsyncTestClient[Any], patient: Session, admin: Session, staff: Callable[..., Any],
-    specialist: Callable[..., Any], service: Callable[..., Any], book: Callable[..., Any], session_maker: Maker,
+    specialist: Callable[..., Any], service: Callable[..., Any], session_maker: Maker, visit_until: Callable[..., Any],
 ) -> None:
     doctor = await specialist()
     svc = await service()
     registrar = await staff("registrar")
     child = await add_child(client, patient)
     for score, who_for in ((1, {}), (2, {"patient_id": child["id"]})):
-        visit = await visit_in(client, book, registrar, patient, doctor, svc, until="completed", **who_for)
+        visit = await visit_until(patient, doctor, svc, until="completed", **who_for, nth=1)
         answer = await client.post(f"/api/v1/consultations/{visit['id']}/rating", headers=patient.headers,
                                    json={"score": score, "comment": "waited an hour"})
         assert answer.status_code == 201, answer.text
@@ -364,19 +343,18 @@ async def test_a_poor_rating_alerts_the_admins(
 
 
 async def test_a_consultation_opens_the_card_through_the_clinicians_mask(
-    client: AsyncTestClient[Any], patient: Session, staff: Callable[..., Any], specialist: Callable[..., Any],
-    service: Callable[..., Any], book: Callable[..., Any],
+    client: AsyncTestClient[Any], patient: Session, specialist: Callable[..., Any],
+    service: Callable[..., Any], visit_until: Callable[..., Any],
 ) -> None:
     await named(client, patient)
     doctor = await specialist()
     doctor_outside = await specialist()
     psychologist = await specialist("psychologist", ["psychology"])
-    registrar = await staff("registrar")
     card_url = f"/api/v1/patients/{patient.id}"
     for who in (doctor, psychologist):
         refused(await client.get(card_url, headers=who.headers), 404)
-    await visit_in(client, book, registrar, patient, doctor, await service(), until="booked")
-    await visit_in(client, book, registrar, patient, psychologist, await service("psychology"), until="booked")
+    await visit_until(patient, doctor, await service(), until="booked", nth=1)
+    await visit_until(patient, psychologist, await service("psychology"), until="booked", nth=1)
 
     full = await client.get(card_url, headers=doctor.headers)
     assert full.status_code == 200, full.text

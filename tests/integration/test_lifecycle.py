@@ -28,26 +28,6 @@ async def act(client: AsyncTestClient[Any], who: Session, visit: dict[str, Any] 
     return await client.post(f"/api/v1/consultations/{cid}/{command}", headers=who.headers, json=body or None)
 
 
-async def booked(book: Callable[..., Any], who: Session, doctor: Session, svc: dict[str, Any], *, nth: int = 1,
-                 **extra: Any) -> dict[str, Any]:
-    """Book a slot at least half an hour ahead (nth >= 1), so no slot begins while the test runs."""
-    answer = await book(who, doctor, svc, nth=nth, **extra)
-    assert answer.status_code == 201, answer.text
-    visit: dict[str, Any] = answer.json()
-    return visit
-
-
-async def confirmed(client: AsyncTestClient[Any], book: Callable[..., Any], registrar: Session, who: Session,
-                    doctor: Session, svc: dict[str, Any], *, nth: int = 1, **extra: Any) -> dict[str, Any]:
-    visit = await booked(book, who, doctor, svc, nth=nth, **extra)
-    if visit["status"] == "pending_confirmation":
-        answer = await act(client, registrar, visit, "confirm")
-        assert answer.status_code == 200, answer.text
-        visit = answer.json()
-    assert visit["status"] == "confirmed"
-    return visit
-
-
 async def move_start(session_maker: Maker, visit: dict[str, Any], *, starts_ago: dt.timedelta,
                      ends_in: dt.timedelta) -> None:
     """Let time pass: the consultation's slot began `starts_ago` and ends `ends_in` from now."""
@@ -93,15 +73,15 @@ PAYMENT = {"amount": "3000.00", "method": "card"}
 
 async def test_first_booking_waits_and_only_the_front_desk_confirms(
     client: AsyncTestClient[Any], patient: Session, admin: Session, staff: Callable[..., Any],
-    specialist: Callable[..., Any], service: Callable[..., Any], book: Callable[..., Any],
-    login: Callable[[str], Any], new_phone: Callable[[], str], session_maker: Maker,
+    specialist: Callable[..., Any], service: Callable[..., Any],
+    login: Callable[[str], Any], new_phone: Callable[[], str], session_maker: Maker, visit_until: Callable[..., Any],
 ) -> None:
     doctor = await specialist()
     other_doctor = await specialist()
     svc = await service()
     registrar, methodist = await staff("registrar"), await staff("methodist")
     stranger = await login(new_phone())
-    visit = await booked(book, patient, doctor, svc)
+    visit = await visit_until(patient, doctor, svc, "booked", nth=1)
     assert visit["status"] == "pending_confirmation"
     assert (visit["patient_id"], visit["specialist_id"], visit["service_id"]) == (
         str(patient.id), str(doctor.id), svc["id"])
@@ -127,7 +107,7 @@ async def test_first_booking_waits_and_only_the_front_desk_confirms(
         assert seen.status_code == 200, who
         assert seen.json()["status"] == "confirmed"
 
-    second = await booked(book, patient, other_doctor, svc)  # still no completed visit: waits again
+    second = await visit_until(patient, other_doctor, svc, "booked", nth=1)  # still no completed visit: waits again
     assert second["status"] == "pending_confirmation"
     by_admin = await act(client, admin, second, "confirm")
     assert by_admin.status_code == 200, by_admin.text
@@ -136,30 +116,29 @@ async def test_first_booking_waits_and_only_the_front_desk_confirms(
 
 
 async def test_after_a_completed_visit_a_booking_is_confirmed_at_once(
-    client: AsyncTestClient[Any], patient: Session, specialist: Callable[..., Any], service: Callable[..., Any],
-    book: Callable[..., Any], completed_visit: Callable[..., Any],
+    patient: Session, specialist: Callable[..., Any], service: Callable[..., Any], visit_until: Callable[..., Any],
 ) -> None:
     doctor = await specialist()
     svc = await service()
-    done = await completed_visit(patient, doctor, svc, nth=1)
+    done = await visit_until(patient, doctor, svc, "completed", nth=1)
     assert done["status"] == "completed"
-    again = await booked(book, patient, doctor, svc, nth=2)
+    again = await visit_until(patient, doctor, svc, "booked", nth=2)
     assert again["status"] == "confirmed"
-    elsewhere = await booked(book, patient, await specialist(), svc, nth=1)
+    elsewhere = await visit_until(patient, await specialist(), svc, "booked", nth=1)
     assert elsewhere["status"] == "confirmed"
 
 
 async def test_a_guardian_books_and_acts_for_a_dependent(
     client: AsyncTestClient[Any], patient: Session, staff: Callable[..., Any], specialist: Callable[..., Any],
-    service: Callable[..., Any], book: Callable[..., Any], completed_visit: Callable[..., Any],
-    login: Callable[[str], Any], new_phone: Callable[[], str],
+    service: Callable[..., Any], book: Callable[..., Any],
+    login: Callable[[str], Any], new_phone: Callable[[], str], visit_until: Callable[..., Any],
 ) -> None:
     doctor = await specialist("doctor", ["pediatrics"])
     svc = await service("pediatrics")
     registrar = await staff("registrar")
-    await completed_visit(patient, doctor, svc, nth=1)  # the guardian's own history is not the child's
+    await visit_until(patient, doctor, svc, "completed", nth=1)  # the guardian's own history is not the child's
     child = await add_child(client, patient)
-    visit = await booked(book, patient, doctor, svc, patient_id=child["id"])
+    visit = await visit_until(patient, doctor, svc, "booked", patient_id=child["id"], nth=1)
     assert visit["patient_id"] == child["id"]
     assert visit["status"] == "pending_confirmation"
     stranger = await login(new_phone())
@@ -184,15 +163,15 @@ async def test_a_guardian_books_and_acts_for_a_dependent(
 
 async def test_the_own_specialist_starts_early_and_completes_after_start(
     client: AsyncTestClient[Any], patient: Session, admin: Session, staff: Callable[..., Any],
-    specialist: Callable[..., Any], service: Callable[..., Any], book: Callable[..., Any],
-    completed_visit: Callable[..., Any], session_maker: Maker,
+    specialist: Callable[..., Any], service: Callable[..., Any],
+    session_maker: Maker, visit_until: Callable[..., Any],
 ) -> None:
     doctor = await specialist()
     other_doctor = await specialist()
     svc = await service()
     registrar, methodist = await staff("registrar"), await staff("methodist")
-    await completed_visit(patient, other_doctor, svc, nth=1)  # other_doctor is in care of this patient too
-    visit = await confirmed(client, book, registrar, patient, doctor, svc, nth=4)  # two hours ahead at least
+    await visit_until(patient, other_doctor, svc, "completed", nth=1)  # other_doctor is in care of this patient too
+    visit = await visit_until(patient, doctor, svc, nth=4)  # two hours ahead at least
     assert dt.datetime.fromisoformat(visit["starts_at"]) > dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
 
     refused(await act(client, doctor, visit, "complete"), 409, "transition_not_allowed")  # not started yet
@@ -221,24 +200,23 @@ async def test_the_own_specialist_starts_early_and_completes_after_start(
 
 
 async def test_start_needs_a_confirmed_visit_whose_slot_has_not_ended(
-    client: AsyncTestClient[Any], patient: Session, staff: Callable[..., Any], specialist: Callable[..., Any],
-    service: Callable[..., Any], book: Callable[..., Any], session_maker: Maker,
+    client: AsyncTestClient[Any], patient: Session, specialist: Callable[..., Any],
+    service: Callable[..., Any], session_maker: Maker, visit_until: Callable[..., Any],
 ) -> None:
     doctor = await specialist()
     svc = await service()
-    registrar = await staff("registrar")
-    pending = await booked(book, patient, doctor, svc, nth=1)
+    pending = await visit_until(patient, doctor, svc, "booked", nth=1)
     answer = await act(client, doctor, pending, "start")
     refused(answer, 409, "transition_not_allowed")
     assert answer.json()["extra"]["status"] == "pending_confirmation"
 
-    late = await confirmed(client, book, registrar, patient, doctor, svc, nth=1)
+    late = await visit_until(patient, doctor, svc, nth=1)
     await move_start(session_maker, late, starts_ago=dt.timedelta(minutes=10), ends_in=dt.timedelta(minutes=20))
     ok = await act(client, doctor, late, "start")  # late but within the slot
     assert ok.status_code == 200, ok.text
     assert ok.json()["status"] == "in_progress"
 
-    over = await confirmed(client, book, registrar, patient, doctor, svc, nth=1)
+    over = await visit_until(patient, doctor, svc, nth=1)
     await move_start(session_maker, over, starts_ago=dt.timedelta(minutes=40), ends_in=-dt.timedelta(minutes=10))
     refused(await act(client, doctor, over, "start"), 409, "slot_over")
     assert (await client.get(f"/api/v1/consultations/{over['id']}", headers=doctor.headers)).json()[
@@ -251,15 +229,15 @@ async def test_start_needs_a_confirmed_visit_whose_slot_has_not_ended(
 
 async def test_the_patient_cancels_before_start_and_the_slot_is_free_again(
     client: AsyncTestClient[Any], patient: Session, staff: Callable[..., Any], specialist: Callable[..., Any],
-    service: Callable[..., Any], book: Callable[..., Any], login: Callable[[str], Any],
-    new_phone: Callable[[], str], session_maker: Maker,
+    service: Callable[..., Any], login: Callable[[str], Any],
+    new_phone: Callable[[], str], session_maker: Maker, visit_until: Callable[..., Any],
 ) -> None:
     doctor = await specialist()
     other_doctor = await specialist()
     svc = await service()
     methodist = await staff("methodist")
     stranger = await login(new_phone())
-    visit = await booked(book, patient, doctor, svc, nth=1)
+    visit = await visit_until(patient, doctor, svc, "booked", nth=1)
     assert visit["slot_id"] not in {s["id"] for s in await free_slots(client, patient, doctor.id)}
     refused(await act(client, stranger, visit, "cancel"), 404)
     refused(await act(client, doctor, visit, "cancel"), 403)  # specialists do not cancel through this route
@@ -287,27 +265,27 @@ async def test_the_patient_cancels_before_start_and_the_slot_is_free_again(
 
 async def test_the_front_desk_cancels_and_nobody_cancels_after_start(
     client: AsyncTestClient[Any], patient: Session, admin: Session, staff: Callable[..., Any],
-    specialist: Callable[..., Any], service: Callable[..., Any], book: Callable[..., Any], session_maker: Maker,
+    specialist: Callable[..., Any], service: Callable[..., Any], session_maker: Maker, visit_until: Callable[..., Any],
 ) -> None:
     doctor = await specialist()
     svc = await service()
     registrar = await staff("registrar")
-    by_registrar = await confirmed(client, book, registrar, patient, doctor, svc, nth=1)
+    by_registrar = await visit_until(patient, doctor, svc, nth=1)
     answer = await act(client, registrar, by_registrar, "cancel")
     assert answer.status_code == 200, answer.text
     assert answer.json()["status"] == "cancelled"
     assert by_registrar["slot_id"] in {s["id"] for s in await free_slots(client, patient, doctor.id)}
-    by_admin = await booked(book, patient, doctor, svc, nth=2)
+    by_admin = await visit_until(patient, doctor, svc, "booked", nth=2)
     assert (await act(client, admin, by_admin, "cancel")).json()["status"] == "cancelled"
 
-    running = await confirmed(client, book, registrar, patient, doctor, svc, nth=1)
+    running = await visit_until(patient, doctor, svc, nth=1)
     assert (await act(client, doctor, running, "start")).status_code == 200
     for who in (patient, registrar, admin):
         answer = await act(client, who, running, "cancel")
         refused(answer, 409, "transition_not_allowed")
         assert answer.json()["extra"]["status"] == "in_progress"
 
-    begun = await confirmed(client, book, registrar, patient, doctor, svc, nth=1)
+    begun = await visit_until(patient, doctor, svc, nth=1)
     await move_start(session_maker, begun, starts_ago=dt.timedelta(minutes=5), ends_in=dt.timedelta(minutes=25))
     for who in (patient, registrar):
         refused(await act(client, who, begun, "cancel"), 409, "already_started")
@@ -320,15 +298,15 @@ async def test_the_front_desk_cancels_and_nobody_cancels_after_start(
 
 async def test_no_show_only_once_the_slot_has_begun(
     client: AsyncTestClient[Any], patient: Session, admin: Session, staff: Callable[..., Any],
-    specialist: Callable[..., Any], service: Callable[..., Any], book: Callable[..., Any],
-    login: Callable[[str], Any], new_phone: Callable[[], str], session_maker: Maker,
+    specialist: Callable[..., Any], service: Callable[..., Any],
+    login: Callable[[str], Any], new_phone: Callable[[], str], session_maker: Maker, visit_until: Callable[..., Any],
 ) -> None:
     doctor = await specialist()
     other_doctor = await specialist()
     svc = await service()
     registrar, methodist = await staff("registrar"), await staff("methodist")
     stranger = await login(new_phone())
-    visit = await confirmed(client, book, registrar, patient, doctor, svc, nth=1)
+    visit = await visit_until(patient, doctor, svc, nth=1)
     for who in (doctor, registrar, admin):
         refused(await act(client, who, visit, "no-show"), 409, "not_started_yet")
     for who in (patient, stranger, methodist):
@@ -346,15 +324,15 @@ async def test_no_show_only_once_the_slot_has_begun(
     assert [(e["change"], e["status"]) for e in await updates(session_maker, visit)] == [
         ("booked", "pending_confirmation"), ("confirm", "confirmed"), ("no_show", "no_show")]
 
-    by_desk = await confirmed(client, book, registrar, patient, doctor, svc, nth=1)
+    by_desk = await visit_until(patient, doctor, svc, nth=1)
     await move_start(session_maker, by_desk, starts_ago=dt.timedelta(minutes=1), ends_in=dt.timedelta(minutes=29))
     assert (await act(client, registrar, by_desk, "no-show")).json()["status"] == "no_show"
 
-    pending = await booked(book, patient, doctor, svc, nth=1)
+    pending = await visit_until(patient, doctor, svc, "booked", nth=1)
     await move_start(session_maker, pending, starts_ago=dt.timedelta(minutes=1), ends_in=dt.timedelta(minutes=29))
     refused(await act(client, doctor, pending, "no-show"), 409, "transition_not_allowed")
 
-    running = await confirmed(client, book, registrar, patient, doctor, svc, nth=1)
+    running = await visit_until(patient, doctor, svc, nth=1)
     assert (await act(client, doctor, running, "start")).status_code == 200
     await move_start(session_maker, running, starts_ago=dt.timedelta(minutes=1), ends_in=dt.timedelta(minutes=29))
     refused(await act(client, doctor, running, "no-show"), 409, "transition_not_allowed")
@@ -365,14 +343,14 @@ async def test_no_show_only_once_the_slot_has_begun(
 
 async def test_payment_is_idempotent_by_reference(
     client: AsyncTestClient[Any], patient: Session, staff: Callable[..., Any], specialist: Callable[..., Any],
-    service: Callable[..., Any], book: Callable[..., Any], login: Callable[[str], Any],
-    new_phone: Callable[[], str], session_maker: Maker,
+    service: Callable[..., Any], login: Callable[[str], Any],
+    new_phone: Callable[[], str], session_maker: Maker, visit_until: Callable[..., Any],
 ) -> None:
     doctor = await specialist()
     svc = await service()
     registrar, methodist = await staff("registrar"), await staff("methodist")
     stranger = await login(new_phone())
-    visit = await confirmed(client, book, registrar, patient, doctor, svc, nth=1)
+    visit = await visit_until(patient, doctor, svc, nth=1)
     reference = ref()
     for who in (doctor, methodist):
         refused(await act(client, who, visit, "pay", **PAYMENT, reference=reference), 403)
@@ -392,7 +370,7 @@ async def test_payment_is_idempotent_by_reference(
     assert await payments(session_maker, visit) == [(reference, "3000.00", "card")]
     assert [e["change"] for e in await updates(session_maker, visit)] == ["booked", "confirm", "paid"]
 
-    other = await confirmed(client, book, registrar, patient, doctor, svc, nth=1)
+    other = await visit_until(patient, doctor, svc, nth=1)
     reused = await act(client, registrar, other, "pay", **PAYMENT, reference=reference)
     refused(reused, 409, "payment_reference_used")
     assert await payments(session_maker, other) == []
@@ -409,13 +387,12 @@ async def test_payment_is_idempotent_by_reference(
 
 
 async def test_a_payment_amount_must_be_positive_with_kopecks_at_most(
-    client: AsyncTestClient[Any], patient: Session, staff: Callable[..., Any], specialist: Callable[..., Any],
-    service: Callable[..., Any], book: Callable[..., Any], session_maker: Maker,
+    client: AsyncTestClient[Any], patient: Session, specialist: Callable[..., Any],
+    service: Callable[..., Any], session_maker: Maker, visit_until: Callable[..., Any],
 ) -> None:
     doctor = await specialist()
     svc = await service()
-    registrar = await staff("registrar")
-    visit = await confirmed(client, book, registrar, patient, doctor, svc, nth=1)
+    visit = await visit_until(patient, doctor, svc, nth=1)
     for amount in ("0", "0.00", "1.234", "-100.00", "10000000.01"):
         answer = await act(client, patient, visit, "pay", amount=amount, method="card", reference=ref())
         refused(answer, 422, "amount_invalid")
@@ -428,7 +405,7 @@ async def test_a_payment_amount_must_be_positive_with_kopecks_at_most(
     assert (await client.get(f"/api/v1/consultations/{visit['id']}", headers=patient.headers)).json()[
         "paid"] is False
 
-    cancelled = await confirmed(client, book, registrar, patient, doctor, svc, nth=1)
+    cancelled = await visit_until(patient, doctor, svc, nth=1)
     assert (await act(client, patient, cancelled, "cancel")).status_code == 200
     refused(await act(client, patient, cancelled, "pay", **PAYMENT, reference=ref()), 409, "transition_not_allowed")
     async with session_maker() as db:

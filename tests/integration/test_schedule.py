@@ -137,12 +137,12 @@ async def test_the_calendar_is_sorted_and_shows_masked_patients(
 
 async def test_my_patients_actual_and_archive(
     client: AsyncTestClient[Any], specialist: Callable[..., Any], service: Callable[..., Any], patient: Session,
-    book: Callable[..., Any], completed_visit: Callable[..., Any],
+    book: Callable[..., Any], visit_until: Callable[..., Any],
 ) -> None:
     doctor, visit_type = await specialist(), await service()
     await client.patch("/api/v1/me", headers=patient.headers, json={"full_name": "Petr Ivanov",
                                                                      "timezone": "Asia/Vladivostok"})
-    await completed_visit(patient, doctor, visit_type)
+    await visit_until(patient, doctor, visit_type, "completed")
     archive = (await client.get("/api/v1/my-patients", headers=doctor.headers, params={"tab": "archive"})).json()
     assert [r["patient"]["id"] for r in archive["items"]] == [str(patient.id)]
     assert archive["items"][0]["tz_offset_minutes"] == 7 * 60
