@@ -198,11 +198,6 @@ class ChatService:
             raise NotVisible("conversation not found")
         return party
 
-    async def send_many(self, sends: list[Send]) -> list[Sent | DomainError]:
-        """Several sends in this session's transaction (the send queue writes groups; see SendRules)."""
-        rules = SendRules(self.settings, self.limiter, self.presence)
-        return await rules.write(SqlSendStore(self.session), self.staged, sends)
-
     async def revise(self, viewer: Viewer, conversation_id: UUID, message_id: UUID, text: str | None) -> Message:
         """Edit (text) or delete (None) one's own message, shortly after sending it, while the chat is open."""
         party = await self.visible(viewer, conversation_id)

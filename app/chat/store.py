@@ -221,10 +221,14 @@ class PgSendStore:
 
     async def insert_events(self, events: list[streams.Event]) -> None:
         if events:
+            encoded: dict[int, str] = {}  # the people of a message share its data dict: encode it once
+            for e in events:
+                if id(e.data) not in encoded:
+                    encoded[id(e.data)] = _json(e.data)
+            data = [encoded[id(e.data)] for e in events]
             await self.connection.execute(
                 PG_INSERT_EVENTS, [e.recipient_id for e in events], [e.seq for e in events],
-                [e.type for e in events], [_json(e.data) for e in events], dt.datetime.now(dt.UTC),
-                timeout=self.timeout)
+                [e.type for e in events], data, dt.datetime.now(dt.UTC), timeout=self.timeout)
 
     async def stage_pushes(self, pushes: list[Push]) -> None:
         if pushes:

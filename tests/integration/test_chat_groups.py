@@ -20,12 +20,11 @@ from app.chat import streams
 from app.chat.hub import InProcessBus, InProcessPresence
 from app.chat.models import Message, UserEvent, UserStream
 from app.chat.sending import SendQueue
-from app.chat.service import ChatService, SendRules
-from app.chat.store import Send, open_store
+from app.chat.service import SendRules
+from app.chat.store import Send, SqlSendStore, open_store
 from app.db import Database
 from app.errors import Conflict, NotVisible, TooMany, Unavailable
 from app.limits import InProcessLimiter
-from app.services import accounts_for
 from app.settings import Settings
 from tests.conftest import POSTGRES, Session, refused, running
 from tests.integration.test_chat import send
@@ -46,7 +45,7 @@ async def stream_of(session_maker: async_sessionmaker[AsyncSession], user: Sessi
         return [(r.seq, r.type, r.data) for r in rows]
 
 
-@pytest.mark.parametrize("route", ["session", "store"])
+@pytest.mark.parametrize("route", ["sqlalchemy", "queue"])
 async def test_one_group_answers_each_send_on_its_own(
     route: str, client: AsyncTestClient[Any], test_settings: Settings, specialist: Callable[..., Any],
     service: Callable[..., Any], patient: Session,
@@ -73,17 +72,16 @@ async def test_one_group_answers_each_send_on_its_own(
     ]
     # the app's Redis client belongs to the app's loop: this group counts and looks in-process
     strict = msgspec.structs.replace(test_settings, chat_sends_per_minute=2)
-    limiter, presence = InProcessLimiter(), InProcessPresence(60)
-    if route == "session":  # ChatService.send_many: SQLAlchemy on any database
+    rules = SendRules(strict, InProcessLimiter(), InProcessPresence(60))
+    if route == "sqlalchemy":  # the SQLAlchemy store, on any database
         async with session_maker() as session:
-            chat = ChatService(session, strict, accounts_for(session, client.app.state), limiter, presence)
-            outcomes = await chat.send_many(group)
+            outcomes = await rules.write(SqlSendStore(session), streams.Staged(), group)
             await session.commit()
     else:  # as the send queue writes: asyncpg itself on PostgreSQL
         database = Database(test_settings)
         try:
             async with open_store(database) as store:
-                outcomes = await SendRules(strict, limiter, presence).write(store, streams.Staged(), group)
+                outcomes = await rules.write(store, streams.Staged(), group)
         finally:
             await database.dispose()
 
