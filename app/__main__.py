@@ -64,7 +64,13 @@ def serve(settings: Settings) -> None:
         workers = 1
     print(f"Clinic API: http://{settings.host}:{settings.port}  (docs: /schema, health: /health/ready)", flush=True)
     uvicorn.run("app.main:app_from_env", factory=True, host=settings.host, port=settings.port, workers=workers,
-                log_config=None, access_log=False, lifespan="on")
+                log_config=None, access_log=False, lifespan="on",
+                # uvicorn would believe X-Forwarded-For from 127.0.0.1; app/clientaddr.py alone decides whom to
+                # believe (TRUSTED_PROXIES), so a local peer cannot pick the address the OTP limits count
+                proxy_headers=False,
+                # the websockets implementation refuses a larger client message with 1009 from its header,
+                # before reading it (uvicorn's default lets each socket buffer 16 MB)
+                ws="websockets-sansio", ws_max_size=settings.ws_max_frame_bytes)
 
 
 def main(argv: list[str] | None = None) -> int:

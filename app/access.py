@@ -48,6 +48,8 @@ class Viewer:
 
     id: UUID
     roles: frozenset[Role] = field(default_factory=frozenset)
+    timezone: str | None = None  # the zone the caller's answers speak in (from the token; None: the clinic's)
+    sid: UUID | None = None  # the login (refresh family) the token belongs to: what a logout or revocation ends
 
     def has_any(self, roles: Iterable[Role]) -> bool:
         return not self.roles.isdisjoint(roles)
@@ -95,11 +97,11 @@ STAFF_READERS = (Role.ADMIN, Role.REGISTRAR)
 IDENTITY = frozenset({"id", "full_name", "birth_date", "is_dependent"})
 PSEUDONYM = frozenset({"id", "initials", "age", "is_dependent"})
 CONTACTS = frozenset({"phone", "timezone", "guardian_id"})
-MEDICAL = frozenset({"questionnaire"})
+MEDICAL = frozenset({"questionnaire", "sex"})  # sex: what a doctor needs, no business of the back office
 CARD_FIELDS = IDENTITY | PSEUDONYM | CONTACTS | MEDICAL
 
 # What each role sees of a patient who is not themselves or their dependent. A clinician sees a
-# card only with a care relationship (a consultation), checked by the service before masking.
+# card only while in care of the patient (consultations.service.in_care), checked before masking.
 VISIBLE_BY_ROLE: Mapping[Role, frozenset[str]] = {
     Role.PATIENT: frozenset(),  # another patient: nothing, and the service answers 404 anyway
     Role.DOCTOR: CARD_FIELDS,
@@ -129,8 +131,11 @@ def mask_patient(card: Mapping[str, Any], visible: frozenset[str]) -> dict[str, 
 
 
 def may_read_any_card(viewer: Viewer) -> bool:
-    """Roles that read a card without a care relationship (registrars, admins, methodists)."""
-    return viewer.has_any((Role.REGISTRAR, Role.ADMIN, Role.METHODIST))
+    """Roles that read any card without a care relationship: the front desk (registrars, admins).
+
+    Methodists read none by id: they are to see the cards of patients behind an analysis in their inbox, a
+    grant the documents inbox gives per patient (ConsultationService.patient_card), never a role-wide one."""
+    return viewer.has_any((Role.REGISTRAR, Role.ADMIN))
 
 
 def is_clinician(viewer: Viewer) -> bool:

@@ -30,15 +30,16 @@ class Database:
 
     def __init__(self, settings: Settings) -> None:
         url = settings.resolved_database_url
-        json = {"json_serializer": lambda o: msgspec.json.encode(o).decode(),  # several times faster than json
-                "json_deserializer": msgspec.json.decode}
+        options = {"json_serializer": lambda o: msgspec.json.encode(o).decode(),  # several times faster than json
+                   "json_deserializer": msgspec.json.decode,
+                   "hide_parameters": True}  # an error's message never quotes the values (phones, names, texts)
         if url.startswith("sqlite"):
-            self.engine = create_async_engine(url, connect_args={"timeout": 30}, **json)
+            self.engine = create_async_engine(url, connect_args={"timeout": 30}, **options)
             tune_sqlite(self.engine)
         else:
             # a steady pool sized for the expected concurrency: overflow connections churn and starve waiters
             self.engine = create_async_engine(url, pool_size=settings.db_pool_size,
-                                              max_overflow=settings.db_pool_size // 4, pool_timeout=10, **json)
+                                              max_overflow=settings.db_pool_size // 4, pool_timeout=10, **options)
         self.writer = async_sessionmaker(self.engine, expire_on_commit=False)
         self.reader = async_sessionmaker(self.engine.execution_options(isolation_level="AUTOCOMMIT"),
                                          expire_on_commit=False)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, ClassVar
 
 from litestar import Request, Response
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, SerializationException, ValidationException
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 log = logging.getLogger("app.errors")
@@ -16,11 +17,12 @@ class DomainError(Exception):
     """A rule refused the request; `reason` is the stable code clients branch on."""
 
     status_code: ClassVar[int] = 422
+    default_reason: ClassVar[str] = "invalid_input"  # every refusal names a reason, even a generic one
 
     def __init__(self, detail: str, reason: str | None = None, **extra: Any) -> None:
         super().__init__(detail)
         self.detail = detail
-        self.extra: dict[str, Any] = {"reason": reason, **extra} if reason else dict(extra)
+        self.extra: dict[str, Any] = {"reason": reason or self.default_reason, **extra}
         self.headers: dict[str, str] = {}
 
 
@@ -30,16 +32,19 @@ class Invalid(DomainError):
 
 class NotAuthenticated(DomainError):
     status_code = 401
+    default_reason = "not_authenticated"
 
 
 class Forbidden(DomainError):
     status_code = 403
+    default_reason = "forbidden"
 
 
 class NotVisible(DomainError):
     """Absent and not yours look the same, so a stranger learns nothing."""
 
     status_code = 404
+    default_reason = "not_found"
 
     def __init__(self, detail: str = "not found", **extra: Any) -> None:
         super().__init__(detail, **extra)
@@ -47,6 +52,7 @@ class NotVisible(DomainError):
 
 class Conflict(DomainError):
     status_code = 409
+    default_reason = "conflict"
 
 
 class TooMany(DomainError):
@@ -59,6 +65,59 @@ class TooMany(DomainError):
 
 class Unavailable(DomainError):
     status_code = 503
+    default_reason = "unavailable"
+
+
+# Reasons for refusals the framework raises before our code runs (routing, guards, body size).
+FRAMEWORK_REASONS = {400: "bad_request", 401: "not_authenticated", 403: "forbidden", 404: "not_found",
+                     405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type",
+                     429: "rate_limited"}
+FRAMEWORK_DETAILS = {404: "no such route", 405: "this route does not take that method",
+                     413: "the request body is too large"}
+_TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
+               "array": "a list", "object": "an object", "null": "null", "decimal": "a decimal number",
+               "uuid": "a UUID", "datetime": "a date and time", "date": "a date", "time": "a time",
+               "bytes": "base64 text", "enum": "one of the allowed values"}
+_PLACES = {"query": "query parameter", "path": "path parameter", "header": "header", "cookie": "cookie"}
+_BOUNDS = ((" of length <= ", " of at most "), (" of length >= ", " of at least "), (" <= ", " of at most "),
+           (" >= ", " of at least "), (" < ", " below "), (" > ", " above "))
+
+
+def _types(match: re.Match[str]) -> str:
+    names = [_TYPE_WORDS.get(t.strip(), t.strip()) for t in match.group(1).split("|")]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def plain(message: str) -> str:
+    """msgspec's terse "Expected `int` <= 100" as words a client developer reads ("expected an integer of at
+    most 100")."""
+    text = re.sub(r"`([^`]*)`", _types, message.split(" - at ", 1)[0])
+    for sign, words in _BOUNDS:
+        text = text.replace(sign, words)
+    text = re.sub(r"matching regex '.*'$", "in the documented format", text)
+    text = re.sub(r"Invalid enum value '.*'$", "not one of the allowed values", text)
+    return (text[:1].lower() + text[1:]).strip()
+
+
+def _validation(errors: Any) -> tuple[str, dict[str, Any]]:
+    """Litestar's ValidationException as one sentence naming each field, and a reason code."""
+    items = [e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else []
+    if any(e.get("key") == "data" and e.get("message") == "'data'" for e in items):  # a KeyError: no body at all
+        return "a JSON body is required", {"reason": "body_required"}
+    shown = []
+    for e in items:
+        source = e.get("source") or ""
+        key, source = str(e.get("key") or ""), str(getattr(source, "value", source))  # ParamType is an Enum
+        if source == "body":  # a field's path in the body ("weekly[0].start"), or the body as a whole
+            where = "the body" if key in ("", "data") else key
+        else:
+            where = f"{key} ({_PLACES.get(source, source)})" if source else key
+        shown.append({"message": plain(str(e.get("message", ""))), "key": key, "source": source, "where": where})
+    if not shown:
+        return "the request is invalid", {"reason": "invalid_input", "errors": []}
+    detail = "; ".join(f"{s['where']}: {s['message']}" if s["where"] else s["message"] for s in shown[:5])
+    errors_out = [{k: v for k, v in s.items() if k != "where"} for s in shown]
+    return f"invalid input: {detail}", {"reason": "invalid_input", "errors": errors_out}
 
 
 def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
@@ -66,14 +125,21 @@ def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[
     if isinstance(exc, DomainError):
         code, detail, extra, headers = exc.status_code, exc.detail, exc.extra, exc.headers
     elif isinstance(exc, ValidationException):  # Litestar says 400; the contract says 422
-        code, detail = 422, "invalid input"
-        extra = {"reason": "invalid_input", "errors": exc.extra or []}
+        code = 422
+        detail, extra = _validation(exc.extra)
     elif isinstance(exc, RecursionError):  # msgspec's answer to JSON nested thousands deep
-        code, detail, extra = 422, "invalid input: nested too deeply", {"reason": "invalid_input"}
+        code, detail, extra = 422, "invalid input: the body is nested too deeply", {"reason": "invalid_input"}
     elif isinstance(exc, HTTPException):
         code, detail = exc.status_code, exc.detail
-        extra = exc.extra if isinstance(exc.extra, dict) else {}
+        extra = dict(exc.extra) if isinstance(exc.extra, dict) else {}
         headers = dict(exc.headers or {})
+        if code == 400 and isinstance(exc.__cause__, SerializationException):  # the contract says 422 for this
+            code, detail, extra = 422, "the request body is not valid JSON", {"reason": "body_not_json"}
+        elif code == 400 and re.search(r"['\"]", detail):  # e.g. a repr of a malformed header
+            detail = "the request is malformed"
+        detail = FRAMEWORK_DETAILS.get(code, detail)
+        if code < 500:
+            extra.setdefault("reason", FRAMEWORK_REASONS.get(code, "refused"))
     elif isinstance(exc, IntegrityError):  # a race the service did not foresee: the row changed meanwhile
         code, detail, extra = 409, "conflicting change, try again", {"reason": "conflict"}
     elif isinstance(exc, OperationalError) and "locked" in str(exc.orig):  # SQLite: another writer held on

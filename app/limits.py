@@ -16,6 +16,9 @@ class RateLimiter(Protocol):
     async def hit_many(self, keys: list[str], limit: int, window_seconds: int) -> list[int]:
         """Count one event per key (a key may repeat), in order; hit's answer for each."""
 
+    async def peek(self, key: str) -> tuple[int, int]:
+        """Without counting: the events in the key's current window and the seconds it has left ((0, 0): none)."""
+
 
 class InProcessLimiter:
     def __init__(self) -> None:
@@ -38,6 +41,11 @@ class InProcessLimiter:
             waits.append(0 if count <= limit else max(1, math.ceil(ends - now)))
         return waits
 
+    async def peek(self, key: str) -> tuple[int, int]:
+        ends, count = self._windows.get(key, (0.0, 0))
+        left = ends - time.monotonic()
+        return (count, max(1, math.ceil(left))) if left > 0 else (0, 0)
+
 
 # Each key: count, start its window on the first count, answer 0 or the seconds left. One round trip for
 # any number of keys, and atomic: no window is left without its expiry.
@@ -58,6 +66,7 @@ return waits
 
 class RedisLimiter:
     def __init__(self, redis: Redis) -> None:
+        self.redis = redis
         self._script = redis.register_script(HIT_SCRIPT)
 
     async def hit(self, key: str, limit: int, window_seconds: int) -> int:
@@ -68,3 +77,10 @@ class RedisLimiter:
             return []
         waits = await self._script(keys=[f"limit:{k}" for k in keys], args=[limit, window_seconds])
         return [int(w) for w in waits]
+
+    async def peek(self, key: str) -> tuple[int, int]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(f"limit:{key}")
+            pipe.ttl(f"limit:{key}")
+            count, ttl = await pipe.execute()
+        return (int(count), max(1, int(ttl))) if count is not None and ttl != -2 else (0, 0)

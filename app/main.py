@@ -8,13 +8,12 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
-from litestar import Litestar, Response, get
+from litestar import Litestar, Request, Response, get
 from litestar.di import Provide
-from litestar.exceptions import HTTPException
+from litestar.exceptions import HTTPException, NotFoundException
 from litestar.middleware import DefineMiddleware
-from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import ScalarRenderPlugin
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from app.access import PUBLIC
@@ -26,12 +25,13 @@ from app.accounts.controllers import (
     StaffController,
 )
 from app.accounts.tokens import TokenIssuer
-from app.auth import TokenAuthMiddleware
+from app.auth import InProcessTickets, RedisTickets, TokenAuthMiddleware
 from app.chat.controllers import ChatController
-from app.chat.gateway import realtime
+from app.chat.gateway import realtime, socket_ticket
 from app.chat.hub import Bus, Hub, InProcessBus, InProcessPresence, RedisBus, RedisPresence
 from app.chat.sending import SendQueue
 from app.chat.service import SendRules
+from app.clientaddr import trusted_networks
 from app.consultations.controllers import CareController, ConsultationController
 from app.db import Database, provide_db_session
 from app.documents.storage import STORE_ERRORS, S3Store, object_store
@@ -39,17 +39,27 @@ from app.errors import DomainError, error_response
 from app.health import HealthController
 from app.limits import InProcessLimiter, RedisLimiter
 from app.notifications.sms import sms_sender
-from app.observability import configure_logging, metrics_text, request_id_middleware
+from app.observability import configure_logging, metrics_allowed, metrics_text, request_id_middleware, serve_metrics
+from app.openapi import assets_router, openapi_config
+from app.openapi import on_startup as document_openapi
+from app.payments.controllers import PaymentController
+from app.payments.service import RefundWorker, provider_from
+from app.revocation import LocalRevocationBus, RedisRevocationBus, close_sockets
 from app.scheduling.controllers import CatalogueController
 from app.scheduling.service import FeedCache, SchedulingService
 from app.settings import Settings, settings_from_env
+from app.timeparams import set_answer_zone
 
 log = logging.getLogger("app")
 SERVICE_PATHS = ["^/health", "^/metrics", "^/schema"]
 
 
 @get("/metrics", include_in_schema=False, opt=PUBLIC, media_type="text/plain; version=0.0.4")
-async def metrics() -> Response[bytes]:
+async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Only for the scraper holding METRICS_TOKEN; without one set, not on the API port at all."""
+    expected = request.app.state.settings.metrics_token
+    if not expected or not metrics_allowed(request.headers.get("authorization", ""), expected):
+        raise NotFoundException()  # 404 either way: the route does not admit it exists
     return Response(metrics_text(), media_type="text/plain; version=0.0.4")
 
 
@@ -70,6 +80,7 @@ def create_app(settings: Settings) -> Litestar:
     configure_logging(settings.log_level)
     database = Database(settings)
     tokens = TokenIssuer(settings)  # fails fast on malformed JWT_KEYS
+    trusted_networks(settings.trusted_proxies)  # and on a malformed TRUSTED_PROXIES
 
     @asynccontextmanager
     async def backing_services(app: Litestar) -> AsyncIterator[None]:
@@ -83,13 +94,21 @@ def create_app(settings: Settings) -> Litestar:
         store = object_store(settings)
         hub = Hub()
         bus: Bus = RedisBus(redis) if redis is not None else InProcessBus()
+        revocations = tokens.revocations  # logouts, deactivations, role changes: heard from every instance
+        revocations.bus = RedisRevocationBus(redis) if redis is not None else LocalRevocationBus()
+        revocations.on_revocation(close_sockets(hub))
         sms = sms_sender(settings)
+        payment_provider = provider_from(settings)
+        refunds = RefundWorker(database, settings, payment_provider)
         app.state.update(
+            payment_provider=payment_provider, refunds=refunds,
             settings=settings, tokens=tokens, redis=redis, store=store, sms=sms, database=database,
             engine=database.engine,
             limiter=RedisLimiter(redis) if redis is not None else InProcessLimiter(),
             slot_feed_cache=FeedCache(settings.slot_feed_cache_seconds, {}),
             hub=hub, bus=bus,
+            tickets=RedisTickets(redis, settings.ws_ticket_seconds) if redis is not None
+            else InProcessTickets(settings.ws_ticket_seconds),
             presence=RedisPresence(redis, presence_ttl) if redis is not None else InProcessPresence(presence_ttl),
         )
         if isinstance(store, S3Store):
@@ -104,18 +123,35 @@ def create_app(settings: Settings) -> Litestar:
         gc.set_threshold(50_000, 50, 100)
         horizons = asyncio.create_task(keep_slot_horizons(database, settings))
         listener = asyncio.create_task(bus.run(hub.deliver))
+        revocations_known = asyncio.Event()
+        hearing = asyncio.create_task(revocations.bus.run(revocations, database, revocations_known))
+        try:  # a (re)started instance knows the recent revocations before it serves a token
+            await asyncio.wait_for(revocations_known.wait(), settings.redis_timeout_seconds * 2)
+        except TimeoutError:
+            log.warning("recent revocations not loaded at start; still trying")
         sends = SendQueue(database, SendRules(settings, app.state.limiter, app.state.presence), bus,
                           settings.chat_send_writers, timeout=settings.chat_write_timeout_seconds)
         app.state.sends = sends
         writers = asyncio.create_task(sends.run())
+        metrics_listener = (await serve_metrics(settings.metrics_address, settings.metrics_token)
+                            if settings.metrics_address else None)
+        refunding = asyncio.create_task(refunds.run())
         try:
             yield
         finally:
+            if metrics_listener is not None:
+                metrics_listener.close()
             writers.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writers  # the sends in flight are answered before the database goes
             horizons.cancel()
             listener.cancel()
+            hearing.cancel()
+            refunding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refunding  # a refund in flight is recorded before the database goes
+            if payment_provider is not None:
+                await payment_provider.aclose()
             await sms.aclose()
             await database.dispose()
             if redis is not None:
@@ -124,7 +160,7 @@ def create_app(settings: Settings) -> Litestar:
     return Litestar(
         route_handlers=[HealthController, metrics, AuthController, MeController, StaffController,
                         PatientController, DeviceController, CatalogueController, ConsultationController,
-                        CareController, ChatController, realtime],
+                        CareController, PaymentController, ChatController, realtime, socket_ticket, assets_router()],
         dependencies={"db_session": Provide(provide_db_session)},
         lifespan=[backing_services],
         middleware=[
@@ -133,8 +169,10 @@ def create_app(settings: Settings) -> Litestar:
         ],
         exception_handlers={DomainError: error_response, HTTPException: error_response,
                             Exception: error_response},
-        openapi_config=OpenAPIConfig(title="Clinic API", version="1", path="/schema",
-                                     render_plugins=[ScalarRenderPlugin()]),
+        before_request=set_answer_zone,  # answers' times in the caller's zone (app/timeparams.py)
+        request_max_body_size=settings.max_body_bytes,  # 413 as soon as a body grows past it, never read whole
+        openapi_config=openapi_config(),
+        on_startup=[document_openapi],
         logging_config=None,  # our JSON logging, configured above
         debug=False,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
 import logging
 import re
@@ -20,6 +22,48 @@ _SANE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _STD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 access_log = logging.getLogger("app.access")
 
+# Secrets and personal data a log line must never carry, wherever they turn up: URLs (uvicorn logs a socket's
+# path with its query), headers, exception texts, JSON bodies in messages.
+_REDACTIONS = [
+    (re.compile(r"(?i)\b((?:access_|refresh_)?token|ticket|code|otp|phone|password|secret|signature)=[^&\s\"']+"),
+     r"\1=[redacted]"),
+    (re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]+"), "Bearer [redacted]"),
+    (re.compile(r"\beyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*"), "[redacted]"),  # a JWT anywhere
+    (re.compile(r"""(?i)(["'](?:(?:access_|refresh_)?token|ticket|code|phone|full_name|name|text)["']\s*:\s*)"""
+                r"""(["'])(?:\\.|(?!\2).)*\2"""), r"\1\2[redacted]\2"),
+    (re.compile(r"\+\d{10,15}\b"), "[redacted-phone]"),
+    # database errors quote the values they were given: SQLAlchemy's "[parameters: ...]", PostgreSQL's
+    # "Key (phone)=(...)" and asyncpg's "invalid input for query argument $1: ..."
+    (re.compile(r"\[parameters: [^\n]*"), "[parameters: redacted]"),
+    (re.compile(r"(Key \([^)]*\))=\([^\n]*?\)( already exists| is not present|\.|$)", re.M), r"\1=([redacted])\2"),
+    (re.compile(r"(query argument \$\d+: )[^\n]*"), r"\1[redacted]"),
+]
+
+
+def redact(text: str) -> str:
+    for pattern, replacement in _REDACTIONS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites every record (message, arguments, string extras) without tokens, tickets, codes or phones."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed format: keep the template alone
+            message = str(record.msg)
+        record.msg, record.args = redact(message), None
+        for key, value in record.__dict__.items():
+            if key not in _STD_ATTRS and isinstance(value, str):
+                record.__dict__[key] = redact(value)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -32,14 +76,17 @@ class JsonFormatter(logging.Formatter):
         if (rid := request_id_var.get()) is not None:
             entry["request_id"] = rid
         entry.update({k: v for k, v in record.__dict__.items() if k not in _STD_ATTRS and k != "color_message"})
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exc"] = record.exc_text
+        elif record.exc_info:
+            entry["exc"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry, default=str)
 
 
 def configure_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -78,6 +125,40 @@ def metrics_text() -> bytes:
     return generate_latest(REGISTRY)
 
 
+def metrics_allowed(authorization: str, token: str | None) -> bool:
+    """With METRICS_TOKEN set, only "Bearer <token>" (compared in constant time) reads the metrics."""
+    return token is None or hmac.compare_digest(authorization.encode(), f"Bearer {token}".encode())
+
+
+async def serve_metrics(address: str, token: str | None) -> asyncio.Server:
+    """METRICS_ADDRESS ("host:port"): GET /metrics on a listener of its own, apart from the public API port.
+
+    Each worker process listens on it (SO_REUSEPORT), so a scrape reads one worker, as /metrics always did.
+    """
+    host, _, port = address.rpartition(":")
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+            request_line, *lines = head.decode("latin-1").split("\r\n")
+            method, target = [*request_line.split(" "), "", ""][:2]
+            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines if line)}
+            if method == "GET" and target.split("?")[0] == "/metrics" and metrics_allowed(
+                    headers.get("authorization", ""), token):
+                status, kind, body = "200 OK", "text/plain; version=0.0.4", metrics_text()
+            else:
+                status, kind, body = "404 Not Found", "text/plain", b"not found\n"
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
+                         "Connection: close\r\n\r\n".encode() + body)
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass  # a scraper that went away or never spoke HTTP
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(answer, host or "127.0.0.1", int(port), reuse_port=True)
+
+
 def request_id_middleware(log_requests: bool) -> Any:
     """Per request: an id (kept from X-Request-ID when sane), metrics by route template, one access log line."""
 
@@ -100,6 +181,9 @@ def request_id_middleware(log_requests: bool) -> Any:
 
             try:
                 await app(scope, receive, send_with_id)
+            except Exception as exc:  # answered further out (a refusal raised by a middleware, such as a 401)
+                status = status or getattr(exc, "status_code", 500)
+                raise
             finally:
                 elapsed = time.perf_counter() - started
                 template = scope.get("path_template") or "unmatched"  # bounded label values

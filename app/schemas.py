@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from decimal import Decimal
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, get_args
 
 import msgspec
+
+from app.timeparams import answer_zone
 
 T = TypeVar("T")
 
@@ -15,7 +18,35 @@ class Wire(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class Out(msgspec.Struct, kw_only=True):
-    """What the service answers."""
+    """What the service answers. Its times carry the caller's offset (API.md: ISO 8601 with offset): a request
+    sets its zone once (app/timeparams.py) and every answer built within it converts its own datetime fields."""
+
+    def __post_init__(self) -> None:
+        tz = answer_zone()
+        if tz is None:
+            return
+        names = _TIME_FIELDS.get(type(self))
+        if names is None:
+            names = _TIME_FIELDS[type(self)] = time_fields(type(self))
+        for name in names:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.astimezone(tz))
+
+
+_TIME_FIELDS: dict[type, tuple[str, ...]] = {}
+AnswerT = TypeVar("AnswerT", bound=Out)
+
+
+def localized(out: AnswerT) -> AnswerT:
+    """A copy in this request's zone, of an answer built elsewhere (the send queue builds messages in UTC)."""
+    return msgspec.structs.replace(out)
+
+
+def time_fields(cls: type[msgspec.Struct]) -> tuple[str, ...]:
+    """The fields of a Struct that hold a datetime (or None)."""
+    return tuple(f.name for f in msgspec.structs.fields(cls)
+                 if f.type is dt.datetime or dt.datetime in get_args(f.type))
 
 
 class Page(Out, Generic[T]):

@@ -8,6 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.accounts.service import AccountService
 from app.chat.service import ChatService
 from app.consultations.service import ConsultationService
+from app.payments.service import PaymentService
 from app.scheduling.service import SchedulingService
 
 
@@ -24,7 +25,11 @@ def chat_for(session: AsyncSession, state: State, accounts: AccountService | Non
                        state.presence)
 
 
+def payments_for(session: AsyncSession, state: State) -> PaymentService:
+    return PaymentService(session, state.settings, state.payment_provider, state.refunds.kick)
+
+
 def consultations_for(session: AsyncSession, state: State) -> ConsultationService:
     accounts = accounts_for(session, state)
     return ConsultationService(session, state.settings, accounts, scheduling_for(session, state),
-                               chat_for(session, state, accounts))
+                               chat_for(session, state, accounts), payments_for(session, state))

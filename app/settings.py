@@ -38,6 +38,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     otp_resend_seconds: int = 60
     otp_per_ip_per_hour: int = 100
     otp_length: int = 6
+    # wrong codes per phone per hour, across every code sent to it: past it the phone is locked for the rest
+    # of the hour (without it, a fresh code every minute would give five more guesses each time)
+    otp_failures_per_phone_per_hour: int = 10
+    # proxies whose X-Forwarded-For is believed ("10.0.0.1,10.1.0.0/16"); empty: the peer is the client
+    trusted_proxies: str = ""
 
     # "kid=secret,kid2=secret2": the first key signs; the others still verify (rotation overlap).
     # Empty: a key is generated once and kept in data_dir/secrets.json.
@@ -45,6 +50,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     secret_key: str = ""  # HMAC pepper for OTP codes; empty: generated and kept like jwt_keys
     access_token_seconds: int = 900
     refresh_token_days: int = 30
+    # how long after the last completed consultation a specialist stays in care of the patient (reads the card)
+    care_after_days: int = 365
 
     sms_backend: str = "log"  # log | http
     sms_log_path: str = ""  # empty: data_dir/sms.log
@@ -56,7 +63,27 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     sms_http_timeout_seconds: float = 5.0
     sms_http_retries: int = 3
 
+    # online payment: patients pay through a provider and a visit is paid when the provider confirms it;
+    # "none": only the front desk takes payments (online payment answers 409 online_payment_unavailable)
+    payment_provider: str = "none"  # none | yookassa
+    yookassa_shop_id: str | None = None  # HTTP basic user of the YooKassa API
+    yookassa_secret_key: str | None = None  # and its password
+    yookassa_api_url: str = "https://api.yookassa.ru/v3"
+    payment_return_url: str = ""  # where the provider sends the payer back (the app's page); required online
+    payment_description: str = "Оплата услуг клиники"  # what the payer's bank shows: nothing personal or medical
+    payment_timeout_seconds: float = 10.0  # one call to the provider
+    refund_retry_seconds: float = 30.0  # how often refunds due are sent to the provider (and the first backoff)
+    refund_max_attempts: int = 8  # then a refund is marked failed for the front desk to settle
+
     hold_seconds: int = 300  # how long a clicked slot stays held for the one who clicked it
+    # per-user counts a clinic never reaches and a script always does (beyond them: 409 with a reason)
+    live_bookings_per_patient: int = 10  # future, not ended consultations of one patient (too_many_bookings)
+    waitlist_per_patient: int = 10  # open waitlist requests of one patient (too_many_waitlist_requests)
+    dependents_per_guardian: int = 20  # dependents one account manages (too_many_dependents)
+    devices_per_user: int = 10  # push registrations kept per user; a new one beyond it replaces the oldest
+    holds_per_patient: int = 2  # live holds one patient may have at once (front desks hold for many: exempt)
+    start_early_minutes: int = 15  # how long before its slot a visit may be started
+    online_prepaid: bool = True  # an online visit starts only once it is paid
     slot_refresh_seconds: float = 3600.0  # how often schedules' slots are extended to their horizon
     slot_feed_cache_seconds: float = 5.0  # the partner feed may be this stale; polling within it costs nothing
 
@@ -67,9 +94,19 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     chat_write_timeout_seconds: float = 5.0  # a group's statement waiting longer fails the group (503)
     ws_heartbeat_seconds: float = 30.0  # a socket silent for longer is closed; clients ping within it
     ws_queue_limit: int = 1000  # events waiting for one slow socket before it is let go
+    ws_max_frame_bytes: int = 16384  # a larger client message is refused (1009) before it is buffered; a WebRTC
+    # offer (rtc.offer, a few KB of SDP) is the largest a client sends
+    ws_per_user: int = 10  # sockets one user may hold on one process; a newer one closes the oldest (4409)
+    ws_ticket_seconds: float = 30.0  # a socket ticket (POST /api/v1/ws/ticket) is good once, within this time
 
+    # a request body larger than this is refused with 413 before it is read whole (uploads have their own limit)
+    max_body_bytes: int = 1_048_576
     log_level: str = "INFO"
     log_requests: bool = True
+    # /metrics answers only "Authorization: Bearer <METRICS_TOKEN>"; unset: it is not served on the API port
+    # (404), only on METRICS_ADDRESS ("127.0.0.1:9100"), a listener of its own when that is set
+    metrics_token: str | None = None
+    metrics_address: str | None = None
     demo_data: bool = False  # load the demo clinic on first start (make run sets it)
     db_pool_size: int = 40  # PostgreSQL connections kept per process (a quarter more may open at peaks)
 

@@ -12,6 +12,7 @@ import app.accounts.models
 import app.chat.models
 import app.consultations.models
 import app.outbox
+import app.payments.models
 import app.scheduling.models  # noqa: F401
 from app.db import metadata
 from app.settings import settings_from_env

@@ -11,6 +11,7 @@ from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app import params
 from app.access import ADMINS, PATIENTS, PUBLIC, STAFF_READERS, Viewer, require_roles, signed_in
 from app.accounts.models import Device, User
 from app.accounts.schemas import (
@@ -26,14 +27,17 @@ from app.accounts.schemas import (
     PatientCardOut,
     RefreshIn,
     StaffIn,
+    StaffPatch,
     TokenIn,
     TokenOut,
     UserOut,
 )
 from app.accounts.service import AccountService, Login, Me
+from app.clientaddr import client_address
+from app.consultations.service import ConsultationService
 from app.errors import Invalid
 from app.schemas import Page
-from app.services import accounts_for
+from app.services import accounts_for, consultations_for
 
 Limit = Annotated[int, Parameter(ge=1, le=100, description="page size")]
 
@@ -44,18 +48,19 @@ async def provide_accounts(db_session: NamedDependency[AsyncSession], state: Sta
 
 def user_out(user: User) -> UserOut:
     return UserOut(id=user.id, phone=user.phone, full_name=user.full_name, roles=list(user.roles),
-                   specialties=list(user.specialties), timezone=user.timezone)
+                   specialties=list(user.specialties), timezone=user.timezone, active=user.active)
 
 
 def dependent_out(user: User) -> DependentOut:
-    return DependentOut(id=user.id, full_name=user.full_name, birth_date=user.birth_date,
+    return DependentOut(id=user.id, full_name=user.full_name, birth_date=user.birth_date, sex=user.sex,
                         relation=user.relation, legal_basis=user.legal_basis)
 
 
 def me_out(me: Me) -> MeOut:
     u = me.user
     return MeOut(id=u.id, phone=u.phone, full_name=u.full_name, roles=list(u.roles),
-                 specialties=list(u.specialties), timezone=u.timezone, birth_date=u.birth_date,
+                 specialties=list(u.specialties), timezone=u.timezone, active=u.active, birth_date=u.birth_date,
+                 sex=u.sex,
                  questionnaire=dict(u.questionnaire), dependents=[dependent_out(d) for d in me.dependents])
 
 
@@ -75,7 +80,7 @@ def parse_cursor(cursor: str | None) -> UUID | None:
     try:
         return UUID(cursor)
     except ValueError as exc:
-        raise Invalid("bad cursor", "cursor_invalid") from exc
+        raise Invalid("the cursor is not one this list gave out", "cursor_invalid") from exc
 
 
 class AuthController(Controller):
@@ -86,7 +91,7 @@ class AuthController(Controller):
     @post("/otp", status_code=202, opt=PUBLIC)
     async def request_otp(self, request: Request[Any, Any, Any], accounts: NamedDependency[AccountService],
                           data: JSONBody[OtpIn]) -> OtpOut:
-        client_ip = request.client.host if request.client else "unknown"
+        client_ip = client_address(request, request.app.state.settings)
         return OtpOut(expires_in=await accounts.request_code(data.phone, client_ip))
 
     @post("/token", status_code=200, opt=PUBLIC)
@@ -140,20 +145,31 @@ class StaffController(Controller):
 
     @get("/", guards=[require_roles(*STAFF_READERS)])
     async def list_staff(self, accounts: NamedDependency[AccountService], limit: FromQuery[Limit] = 50,
-                         cursor: FromQuery[str | None] = None) -> Page[UserOut]:
+                         cursor: params.Cursor = None) -> Page[UserOut]:
         rows, last = await accounts.list_staff(limit, parse_cursor(cursor))
         return Page(items=[user_out(u) for u in rows], next_cursor=str(last) if last else None)
+
+    @patch("/{staff_id:uuid}", guards=[require_roles(*ADMINS)])
+    async def update_staff(self, request: Request[Viewer, Any, Any], accounts: NamedDependency[AccountService],
+                           staff_id: FromPath[UUID], data: JSONBody[StaffPatch]) -> UserOut:
+        return user_out(await accounts.update_staff(request.user, staff_id, data))
+
+
+async def provide_consultations(db_session: NamedDependency[AsyncSession], state: State) -> ConsultationService:
+    return consultations_for(db_session, state)
 
 
 class PatientController(Controller):
     path = "/api/v1/patients"
     tags = ["accounts"]
-    dependencies = {"accounts": Provide(provide_accounts)}
+    # the card's reader is the consultations service: whether a clinician may read it is a matter of care
+    dependencies = {"consultations": Provide(provide_consultations)}
 
     @get("/{patient_id:uuid}", guards=[signed_in])
-    async def get_patient(self, request: Request[Viewer, Any, Any], accounts: NamedDependency[AccountService],
+    async def get_patient(self, request: Request[Viewer, Any, Any],
+                          consultations: NamedDependency[ConsultationService],
                           patient_id: FromPath[UUID]) -> PatientCardOut:
-        return PatientCardOut(**await accounts.patient_card(request.user, patient_id))
+        return PatientCardOut(**await consultations.patient_card(request.user, patient_id))
 
 
 class DeviceController(Controller):

@@ -21,10 +21,12 @@ class User(Base):
     phone: Mapped[str | None] = mapped_column(String(16), unique=True)  # E.164; dependents have none
     full_name: Mapped[str] = mapped_column(String(200), default="")
     birth_date: Mapped[dt.date | None] = mapped_column(Date)
+    sex: Mapped[str | None] = mapped_column(String(8))  # female | male; some directions serve one
     timezone: Mapped[str] = mapped_column(String(64), default="Europe/Moscow")
     roles: Mapped[list[str]] = mapped_column(JsonDoc, default=list)
     specialties: Mapped[list[str]] = mapped_column(JsonDoc, default=list)
     is_staff: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)  # a deactivated account cannot sign in
     questionnaire: Mapped[dict[str, Any]] = mapped_column(JsonDoc, default=dict)
     guardian_id: Mapped[UUID | None] = mapped_column(
         GUID, ForeignKey("user_account.id", ondelete="RESTRICT"), index=True
@@ -68,3 +70,14 @@ class Device(Base):
     push_token: Mapped[str] = mapped_column(String(4096))
     push_token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # tokens are long: index a hash
     voip_token: Mapped[str | None] = mapped_column(String(4096))
+
+
+class AccessRevocation(Base):
+    """Access that ended before its tokens expire: one login (family_id) or every token of a user issued
+    before `not_before`. Kept for an access token's lifetime: a starting process loads the recent ones."""
+
+    __tablename__ = "access_revocation"
+
+    user_id: Mapped[UUID] = mapped_column(GUID, ForeignKey("user_account.id", ondelete="CASCADE"))
+    family_id: Mapped[UUID | None] = mapped_column(GUID)  # the login ended; None: every login of the user
+    not_before: Mapped[dt.datetime] = mapped_column(DateTimeUTC(timezone=True), index=True)

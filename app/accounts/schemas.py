@@ -27,6 +27,11 @@ class Relation(StrEnum):
     OTHER_RELATIVE = "other_relative"
 
 
+class Sex(StrEnum):
+    FEMALE = "female"
+    MALE = "male"
+
+
 class OtpIn(Wire):
     phone: PhoneText
 
@@ -55,18 +60,21 @@ class UserOut(Out):
     roles: list[str]
     specialties: list[str]
     timezone: str
+    active: bool  # false: deactivated by an admin, cannot sign in
 
 
 class DependentOut(Out):
     id: UUID
     full_name: str
     birth_date: dt.date | None
+    sex: str | None
     relation: str | None
     legal_basis: str | None
 
 
 class MeOut(UserOut):
     birth_date: dt.date | None
+    sex: str | None
     questionnaire: dict[str, Any]
     dependents: list[DependentOut]
 
@@ -79,15 +87,25 @@ class TokenOut(Out):
     token_type: Literal["Bearer"] = "Bearer"  # noqa: S105  (a scheme name, not a secret)
 
 
-QuestionnaireValue = str | int | float | bool | None | list[str]
+# A questionnaire is answers to a form: short values, one level deep. Each piece is bounded, and so is the whole
+# (QUESTIONNAIRE_MAX_BYTES encoded), so no account can be made to carry megabytes into every card read.
+QUESTIONNAIRE_MAX_BYTES = 32_768
+AnswerText = Annotated[str, Meta(max_length=2000)]
+QuestionnaireValue = AnswerText | int | float | bool | None | Annotated[list[Annotated[str, Meta(max_length=200)]],
+                                                                        Meta(max_length=50)]
 
 
 class MePatch(Wire):
     full_name: Name | UnsetType = UNSET
     birth_date: dt.date | UnsetType = UNSET
+    sex: Sex | UnsetType = UNSET
     timezone: TimezoneName | UnsetType = UNSET
     questionnaire: Annotated[dict[Annotated[str, Meta(max_length=100)], QuestionnaireValue],
                              Meta(max_length=200)] | UnsetType = UNSET
+
+    def __post_init__(self) -> None:
+        if self.questionnaire is not UNSET and len(msgspec.json.encode(self.questionnaire)) > QUESTIONNAIRE_MAX_BYTES:
+            raise ValueError(f"questionnaire: at most {QUESTIONNAIRE_MAX_BYTES} bytes of answers in all")
 
 
 class DependentIn(Wire):
@@ -96,6 +114,7 @@ class DependentIn(Wire):
     relation: Relation
     legal_basis: Annotated[str, Meta(min_length=3, max_length=500,
                                      examples=["birth certificate II-AB 123456"])]
+    sex: Sex | None = None
 
 
 class StaffIn(Wire):
@@ -103,6 +122,15 @@ class StaffIn(Wire):
     full_name: Name
     role: Role
     specialties: Annotated[list[Specialty], Meta(max_length=8)] = msgspec.field(default_factory=list)
+
+
+class StaffPatch(Wire):
+    """What an admin changes of a staff account; every change ends the account's current access tokens."""
+
+    active: Annotated[bool, Meta(description="false deactivates: tokens and sockets stop within seconds")] \
+        | UnsetType = UNSET
+    roles: Annotated[list[Role], Meta(min_length=1, max_length=8, examples=[["doctor"]])] | UnsetType = UNSET
+    specialties: Annotated[list[Specialty], Meta(max_length=8, examples=[["endocrinology"]])] | UnsetType = UNSET
 
 
 class PatientCardOut(Out):
@@ -113,6 +141,7 @@ class PatientCardOut(Out):
     initials: str | None
     birth_date: dt.date | None
     age: int | None
+    sex: str | None
     is_dependent: bool | None
     phone: str | None
     timezone: str | None

@@ -9,26 +9,29 @@ import datetime as dt
 import hashlib
 import hmac
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID, uuid4
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from msgspec import UNSET
-from sqlalchemy import bindparam, delete, or_, select, update
+from sqlalchemy import bindparam, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import access
 from app.access import Role, Viewer
-from app.accounts.models import Device, OtpCode, RefreshToken, User
+from app.accounts.models import AccessRevocation, Device, OtpCode, RefreshToken, User
 from app.accounts.phones import normalise_phone
-from app.accounts.schemas import DependentIn, DeviceIn, MePatch, StaffIn
+from app.accounts.schemas import DependentIn, DeviceIn, MePatch, StaffIn, StaffPatch
 from app.accounts.tokens import TokenIssuer, hash_refresh_token, new_refresh_token
-from app.errors import Conflict, Invalid, NotAuthenticated, NotVisible, TooMany
+from app.errors import Conflict, Forbidden, Invalid, NotAuthenticated, NotVisible, TooMany
 from app.limits import RateLimiter
 from app.notifications.sms import SmsSender
+from app.revocation import Revocation
 from app.settings import Settings
+from app.specialties import Specialty
 
 # the account and its dependents in one round trip; built once, it is the hottest read of all
 ME_AND_DEPENDENTS = (select(User).where(or_(User.id == bindparam("uid"), User.guardian_id == bindparam("uid")))
@@ -72,7 +75,8 @@ class AccountService:
         phone = normalise_phone(raw_phone, self.settings.default_region)
         wait = await self.limiter.hit(f"otp:ip:{client_ip}", self.settings.otp_per_ip_per_hour, 3600)
         if wait:
-            raise TooMany("too many codes requested from this address", wait)
+            raise TooMany("too many codes were requested from this address: try again later", wait)
+        await self._refuse_if_locked(phone)  # a new code must not reopen a locked phone
         wait = await self.limiter.hit(f"otp:phone:{phone}", 1, self.settings.otp_resend_seconds)
         if wait:
             raise TooMany("a code was sent to this phone moments ago", wait, "otp_resend_too_soon")
@@ -90,6 +94,9 @@ class AccountService:
         phone = normalise_phone(raw_phone, self.settings.default_region)
         if len(code) != self.settings.otp_length or not code.isascii() or not code.isdigit():
             raise Invalid(f"the code is {self.settings.otp_length} digits", "otp_malformed")
+        # checked before the code is: a locked phone refuses every code alike, the right one too, so the answer
+        # never tells a guesser that he has hit it
+        await self._refuse_if_locked(phone)
         # counting the try and reading the code is one statement, so parallel guesses cannot exceed the limit
         counted = await self.session.execute(
             update(OtpCode)
@@ -99,26 +106,43 @@ class AccountService:
         )
         row = counted.one_or_none()
         if row is None:
-            raise NotAuthenticated("no valid code for this phone: request a new one", "otp_missing")
+            if await self.session.scalar(select(OtpCode.id).where(OtpCode.phone == phone)) is not None:
+                raise NotAuthenticated(f"all {self.settings.otp_max_attempts} tries of this code are used up: "
+                                       "request a new code", "otp_attempts_exhausted")
+            raise NotAuthenticated("no code is waiting for this phone: request a new one", "otp_missing")
         if row.expires_at <= utcnow():
             await self._burn_code(row.id)
             raise NotAuthenticated("the code has expired: request a new one", "otp_expired")
         if not hmac.compare_digest(row.code_hash, self._code_hash(phone, code)):
-            left = self.settings.otp_max_attempts - row.attempts
-            if left <= 0:
-                await self._burn_code(row.id)
-            else:
-                await self.session.commit()  # the failed try counts even though we refuse
-            raise NotAuthenticated("wrong code", "otp_invalid", attempts_left=left)
+            # an exhausted code stays (until a new one replaces it) so that the next try can say so
+            await self.session.commit()  # the failed try counts even though we refuse
+            failures = f"otp:fail:{phone}"  # per phone, across its codes: fresh codes bring no fresh guesses
+            wait = await self.limiter.hit(failures, self.settings.otp_failures_per_phone_per_hour - 1, 3600)
+            if wait:
+                raise self._locked(wait)
+            raise NotAuthenticated("the code does not match the one sent to this phone", "otp_invalid",
+                                   attempts_left=self.settings.otp_max_attempts - row.attempts)
         spent = await self.session.execute(delete(OtpCode).where(OtpCode.id == row.id).returning(OtpCode.id))
         if spent.one_or_none() is None:  # a parallel request used this code first
-            raise NotAuthenticated("no valid code for this phone: request a new one", "otp_missing")
+            raise NotAuthenticated("no code is waiting for this phone: request a new one", "otp_missing")
         user = await self.session.scalar(select(User).where(User.phone == phone))
         if user is None:  # a new phone becomes a patient
             user = User(phone=phone, roles=[Role.PATIENT.value], timezone=self.settings.clinic_timezone)
             self.session.add(user)
             await self.session.flush()
+        elif not user.active:
+            await self.session.commit()  # the code is spent all the same
+            raise inactive()
         return await self._start_session(user, family_id=uuid4())
+
+    async def _refuse_if_locked(self, phone: str) -> None:
+        failures, left = await self.limiter.peek(f"otp:fail:{phone}")
+        if failures >= self.settings.otp_failures_per_phone_per_hour:
+            raise self._locked(left)
+
+    def _locked(self, wait: int) -> TooMany:
+        return TooMany("too many wrong codes for this phone: every code is refused until Retry-After has passed",
+                       wait, "otp_locked")
 
     async def _burn_code(self, code_id: UUID) -> None:
         await self.session.execute(delete(OtpCode).where(OtpCode.id == code_id))
@@ -131,7 +155,8 @@ class AccountService:
             expires_at=utcnow() + dt.timedelta(days=self.settings.refresh_token_days),
         ))
         await self.session.flush()
-        return Login(user=user, access_token=self.tokens.issue_access(user.id, user.roles),
+        return Login(user=user, access_token=self.tokens.issue_access(user.id, user.roles, user.timezone,
+                                                                      sid=family_id),
                      refresh_token=token, expires_in=self.tokens.access_seconds)
 
     # --- refresh rotation and logout -----------------------------------------------------------
@@ -149,28 +174,45 @@ class AccountService:
         if row is not None:
             user = await self.session.get(User, row.user_id)
             if user is None:
-                raise NotAuthenticated("account no longer exists", "refresh_invalid")
+                raise NotAuthenticated("the account no longer exists: sign in again", "refresh_invalid")
+            if not user.active:
+                raise inactive()
             return await self._start_session(user, family_id=row.family_id)
         known = await self.session.scalar(select(RefreshToken).where(RefreshToken.token_hash == token_hash))
         if known is not None and (known.used_at is not None or known.revoked_at is not None):
-            # a spent token came back: someone holds a stolen copy, so the whole login ends
+            if await self.session.scalar(select(User.active).where(User.id == known.user_id)) is False:
+                raise inactive()  # its logins were ended by the deactivation, not by a thief
+            # a spent token came back: someone holds a stolen copy, so the whole login ends, its access tokens too
             await self._revoke(RefreshToken.family_id == known.family_id)
-            await self.session.commit()
+            await self._end_access(known.user_id, sid=known.family_id)
             raise NotAuthenticated("refresh token reused: please sign in again", "refresh_reused")
-        raise NotAuthenticated("refresh token invalid or expired", "refresh_invalid")
+        raise NotAuthenticated("the refresh token is unknown or expired: sign in again", "refresh_invalid")
 
     async def logout(self, viewer: Viewer, refresh_token: str | None) -> None:
         if refresh_token is None:  # no token named: end every session of this user
             await self._revoke(RefreshToken.user_id == viewer.id)
+            await self._end_access(viewer.id)
             return
         family = await self.session.scalar(select(RefreshToken.family_id).where(
             RefreshToken.token_hash == hash_refresh_token(refresh_token), RefreshToken.user_id == viewer.id))
+        if family is None and viewer.sid is not None:  # a token we do not know: the caller's own login ends
+            family = viewer.sid
         if family is not None:
-            await self._revoke(RefreshToken.family_id == family)
+            await self._revoke(RefreshToken.family_id == family, RefreshToken.user_id == viewer.id)
+            await self._end_access(viewer.id, sid=family)
 
-    async def _revoke(self, which: Any) -> None:
+    async def _revoke(self, *which: Any) -> None:
         await self.session.execute(
-            update(RefreshToken).where(which, RefreshToken.revoked_at.is_(None)).values(revoked_at=utcnow()))
+            update(RefreshToken).where(*which, RefreshToken.revoked_at.is_(None)).values(revoked_at=utcnow()))
+
+    async def _end_access(self, user_id: UUID, sid: UUID | None = None) -> None:
+        """End access tokens now, not at their expiry: one login's (sid), or every one the user holds.
+        Persisted and committed first, then announced to every instance (which also closes the sockets)."""
+        revocation = Revocation(user_id=user_id, sid=sid, at=time.time())
+        self.session.add(AccessRevocation(user_id=user_id, family_id=sid,
+                                          not_before=dt.datetime.fromtimestamp(revocation.at, dt.UTC)))
+        await self.session.commit()
+        await self.tokens.revocations.announce(revocation)
 
     # --- the caller's own account and dependents -----------------------------------------------
 
@@ -190,6 +232,8 @@ class AccountService:
             check_birth_date(changes["birth_date"])
         if "full_name" in changes:
             changes["full_name"] = clean_name(changes["full_name"])
+        if "sex" in changes:
+            changes["sex"] = changes["sex"].value
         for field, value in changes.items():
             setattr(me.user, field, value)
         await self.session.flush()
@@ -200,8 +244,13 @@ class AccountService:
         guardian = await self.session.get(User, viewer.id)
         if guardian is None or guardian.guardian_id is not None:
             raise NotVisible("guardian not found")
+        count = await self.session.scalar(select(func.count()).select_from(User).where(User.guardian_id == viewer.id))
+        if (count or 0) >= self.settings.dependents_per_guardian:  # a family never has this many; a script does
+            raise Conflict(f"an account manages at most {self.settings.dependents_per_guardian} dependents",
+                           "too_many_dependents", limit=self.settings.dependents_per_guardian)
         dependent = User(
             phone=None, full_name=clean_name(data.full_name), birth_date=data.birth_date,
+            sex=data.sex.value if data.sex else None,
             roles=[Role.PATIENT.value], timezone=guardian.timezone, guardian_id=viewer.id,
             relation=data.relation.value, legal_basis=data.legal_basis.strip(),
         )
@@ -311,24 +360,19 @@ class AccountService:
 
     # --- patient cards, through the secrecy masks ----------------------------------------------
 
-    async def patient_card(self, viewer: Viewer, patient_id: UUID) -> dict[str, Any]:
+    async def patient(self, patient_id: UUID) -> User:
+        """A patient's account (not staff, not a bare account), or 404. Whether the caller may read the card
+        is decided above (ConsultationService.patient_card: who is in whose care lives with consultations)."""
         patient = await self.session.get(User, patient_id)
         if patient is None or patient.is_staff or (patient.phone is None and patient.guardian_id is None):
             raise NotVisible("patient not found")
+        return patient
+
+    @staticmethod
+    def masked_card(viewer: Viewer, patient: User) -> dict[str, Any]:
+        """The card through the secrecy masks (the patient and their guardian see it all)."""
         acts_for = [patient.id] if patient.guardian_id == viewer.id else []
-        own = patient.id == viewer.id or acts_for
-        if not own and not access.may_read_any_card(viewer) and not await self._in_care(viewer, patient.id):
-            raise NotVisible("patient not found")
-        visible = access.visible_card_fields(viewer, patient.id, acts_for)
-        return access.mask_patient(card_of(patient), visible)
-
-    async def _in_care(self, viewer: Viewer, patient_id: UUID) -> bool:
-        """A clinician sees a card only through a consultation of their own with the patient."""
-        if not access.is_clinician(viewer):
-            return False
-        from app.consultations.service import in_care  # consultations depend on accounts, not the reverse
-
-        return await in_care(self.session, viewer.id, patient_id)
+        return access.mask_patient(card_of(patient), access.visible_card_fields(viewer, patient.id, acts_for))
 
     # --- staff ---------------------------------------------------------------------------------
 
@@ -336,10 +380,7 @@ class AccountService:
         phone = normalise_phone(data.phone, self.settings.default_region)
         if data.role is Role.PATIENT:
             raise Invalid("staff accounts take a staff role", "role_invalid")
-        allowed = access.SPECIALTIES_BY_ROLE.get(data.role, frozenset())
-        if not set(data.specialties) <= allowed or (allowed and not data.specialties):
-            raise Invalid(f"a {data.role} takes specialties from {sorted(allowed) or 'none'}",
-                          "specialty_mismatch")
+        check_staff_fit([data.role], data.specialties)
         if await self.session.scalar(select(User.id).where(User.phone == phone)) is not None:
             raise Conflict("an account with this phone exists", "phone_taken")
         user = User(phone=phone, full_name=clean_name(data.full_name), roles=[data.role.value],
@@ -351,6 +392,35 @@ class AccountService:
                 await self.session.flush()
         except IntegrityError as exc:  # the same phone created in parallel
             raise Conflict("an account with this phone exists", "phone_taken") from exc
+        return user
+
+    async def update_staff(self, viewer: Viewer, staff_id: UUID, patch: StaffPatch) -> User:
+        """An admin deactivates (or reactivates) a staff account or changes its roles and specialties. The
+        account's access tokens end at once on every instance, and its sockets close: its next token carries
+        the new roles; a deactivated account gets none (its logins end too)."""
+        user = await self.session.get(User, staff_id)
+        if user is None or not user.is_staff:
+            raise NotVisible("staff member not found", reason="staff_not_found")
+        roles = sorted({r.value for r in patch.roles}) if patch.roles is not UNSET else list(user.roles)
+        specialties = (sorted({s.value for s in patch.specialties}) if patch.specialties is not UNSET
+                       else list(user.specialties))
+        active = patch.active if patch.active is not UNSET else user.active
+        if Role.PATIENT.value in roles and Role.PATIENT.value not in user.roles:
+            raise Invalid("staff accounts take staff roles; a patient role is not given here", "role_invalid")
+        if not set(roles) - {Role.PATIENT.value}:
+            raise Invalid("a staff account keeps at least one staff role", "role_invalid")
+        check_staff_fit([Role(r) for r in roles], [Specialty(s) for s in specialties])
+        if staff_id == viewer.id and (not active or Role.ADMIN.value not in roles):
+            # the clinic must never be left without the admin making the change
+            raise Conflict("an admin cannot deactivate themself or drop their own admin role", "self_lockout")
+        changed = (set(roles) != set(user.roles) or set(specialties) != set(user.specialties)
+                   or active != user.active)
+        user.roles, user.specialties, user.active = roles, specialties, active
+        await self.session.flush()
+        if not active:
+            await self._revoke(RefreshToken.user_id == user.id)  # no refresh brings a deactivated account back
+        if changed:
+            await self._end_access(user.id)
         return user
 
     async def list_staff(self, limit: int, cursor: UUID | None) -> tuple[list[User], UUID | None]:
@@ -370,6 +440,7 @@ class AccountService:
         if Role.ADMIN.value not in user.roles:
             user.roles = [*user.roles, Role.ADMIN.value]
         user.is_staff = True
+        user.active = True  # the way back in when every admin was deactivated
         if full_name:
             user.full_name = clean_name(full_name)
         await self.session.flush()
@@ -386,7 +457,14 @@ class AccountService:
             self.session.add(device)
         else:  # the install now belongs to whoever signed in on it last
             device.user_id, device.platform, device.voip_token = viewer.id, data.platform, data.voip_token
+            device.updated_at = dt.datetime.now(dt.UTC)  # registered again: the most recent install
         await self.session.flush()
+        # beyond DEVICES_PER_USER the least recently registered installs go rather than refusing the new one:
+        # a reinstalled app or a replaced phone never unregisters, so refusing would leave the phone in hand
+        # without pushes, while a stale token only fails at the push provider anyway
+        newest = (select(Device.id).where(Device.user_id == viewer.id)
+                  .order_by(Device.updated_at.desc(), Device.id.desc()).limit(self.settings.devices_per_user))
+        await self.session.execute(delete(Device).where(Device.user_id == viewer.id, Device.id.not_in(newest)))
         return device
 
     async def remove_device(self, viewer: Viewer, device_id: UUID) -> None:
@@ -396,6 +474,23 @@ class AccountService:
             raise NotVisible("device not found")
 
 
+def check_staff_fit(roles: list[Role], specialties: list[Specialty]) -> None:
+    """Each specialty belongs to a role held, and each clinician role holds at least one of its own."""
+    allowed = frozenset().union(*(access.SPECIALTIES_BY_ROLE.get(r, frozenset()) for r in roles))
+    held = set(specialties)
+    if not held <= allowed:
+        raise Invalid(f"{' and '.join(roles)} take specialties from {', '.join(sorted(allowed)) or 'none'}",
+                      "specialty_mismatch")
+    for role in roles:
+        own = access.SPECIALTIES_BY_ROLE.get(role, frozenset())
+        if own and not held & own:
+            raise Invalid(f"a {role} takes specialties from {', '.join(sorted(own))}", "specialty_mismatch")
+
+
+def inactive() -> Forbidden:
+    return Forbidden("this account is deactivated: ask the clinic's administrator", "account_inactive")
+
+
 def card_of(patient: User) -> dict[str, Any]:
     return {
         "id": patient.id,
@@ -403,6 +498,7 @@ def card_of(patient: User) -> dict[str, Any]:
         "initials": initials(patient.full_name),
         "birth_date": patient.birth_date,
         "age": age_on(patient.birth_date, dt.date.today()) if patient.birth_date else None,
+        "sex": patient.sex,
         "is_dependent": patient.guardian_id is not None,
         "phone": patient.phone,
         "timezone": patient.timezone,

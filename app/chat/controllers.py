@@ -19,7 +19,7 @@ from app.chat.service import ChatService, Row, outgoing
 from app.chat.store import message_out
 from app.consultations.controllers import provide_consultations
 from app.consultations.service import ConsultationService
-from app.schemas import Page
+from app.schemas import Page, localized
 from app.services import chat_for
 
 Limit = Annotated[int, Parameter(ge=1, le=200)]
@@ -82,7 +82,7 @@ class ChatController(Controller):
                            data: JSONBody[MessageIn]) -> Response[MessageOut]:
         # no session of its own: the send joins the next group the send queue writes
         message, created = await state.sends.send(outgoing(request.user, conversation_id, data))
-        return Response(message, status_code=201 if created else 200)
+        return Response(localized(message), status_code=201 if created else 200)
 
     @patch("/{conversation_id:uuid}/messages/{message_id:uuid}", guards=[signed_in])
     async def edit_message(self, request: Request[Viewer, Any, Any], chat: NamedDependency[ChatService],

@@ -1,4 +1,10 @@
-"""The realtime socket: GET /api/v1/ws?token=... carries every server event to one client session.
+"""The realtime socket: GET /api/v1/ws carries every server event to one client session.
+
+A client authenticates the socket with a single-use ticket (`POST /api/v1/ws/ticket`, then `?ticket=`), with
+its access token as the subprotocol pair `bearer, <token>`, or with `?token=` (kept for old clients; logs
+redact it). A user holds at most WS_PER_USER sockets per process: a newer one closes the oldest (4409). A
+client message is small (a WebRTC offer, the largest, is a few KB): one beyond WS_MAX_FRAME_BYTES closes the
+socket with 1009 before the server buffers it, and a frame nested too deep is an error frame, not a crash.
 
 Each socket registers with the process's hub before it reads where its stream stands, so no event falls
 between the two. Its sender task forwards events in stream order: an older one is a duplicate and dropped;
@@ -15,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-from litestar import WebSocket, websocket
+from litestar import Request, WebSocket, post, websocket
 from litestar.datastructures import State
 from litestar.exceptions import WebSocketDisconnect
 
@@ -28,6 +34,7 @@ from app.observability import OPEN_WEBSOCKETS
 log = logging.getLogger("app.realtime")
 PONG = '{"type":"pong"}'
 CLOSE_IDLE, CLOSE_SLOW = 4408, 4429
+CLOSE_TOO_BIG, CLOSE_CROWDED = 1009, 4409  # 1009: RFC 6455 "message too big"
 FIRST_FRAME_GRACE = 0.3  # seconds live events wait for a resuming client's first frame
 
 
@@ -83,12 +90,28 @@ async def forward(socket: WebSocket[Any, Any, Any], connection: Connection, data
             connection.last_seq = item.seq
 
 
+class SocketTicket(msgspec.Struct):
+    ticket: str
+    expires_in: int  # seconds
+
+
+@post("/api/v1/ws/ticket", guards=[signed_in], status_code=201)
+async def socket_ticket(request: Request[Any, Any, Any], state: State) -> SocketTicket:
+    """A single-use ticket for opening the socket (`/api/v1/ws?ticket=`), so no token travels in a URL."""
+    ticket = await state.tickets.issue(request.auth)
+    return SocketTicket(ticket, max(1, round(state.settings.ws_ticket_seconds)))
+
+
 @websocket("/api/v1/ws", guards=[signed_in])
 async def realtime(socket: WebSocket[Any, Any, Any], state: State) -> None:
     settings, database = state.settings, state.database
-    await socket.accept()
-    connection = Connection(socket.user.id, settings.ws_queue_limit)
+    # a browser client that sent its token as the subprotocol pair `bearer, <token>` needs `bearer` chosen
+    offered = [str(p).strip().lower() for p in socket.scope.get("subprotocols") or ()]
+    await socket.accept(subprotocols="bearer" if "bearer" in offered else None)
+    connection = Connection(socket.user.id, settings.ws_queue_limit, socket.user.sid)
     state.hub.add(connection)  # first listen, then look where the stream stands
+    for older in state.hub.oldest_beyond(connection.user_id, settings.ws_per_user):
+        older.kick(CLOSE_CROWDED, "too many sockets")
     OPEN_WEBSOCKETS.inc()
     sender: asyncio.Task[None] | None = None
     try:
@@ -115,18 +138,25 @@ async def realtime(socket: WebSocket[Any, Any, Any], state: State) -> None:
 async def serve(socket: WebSocket[Any, Any, Any], connection: Connection, state: State,
                 sender: asyncio.Task[None]) -> None:
     """Read the client's frames until it leaves, falls silent, is too slow, or the sender fails."""
-    heartbeat = state.settings.ws_heartbeat_seconds
+    heartbeat, largest = state.settings.ws_heartbeat_seconds, state.settings.ws_max_frame_bytes
     while True:
         receive = asyncio.ensure_future(socket.receive_text())
         slow = asyncio.ensure_future(connection.overflowed.wait())
-        done, _ = await asyncio.wait({receive, slow, sender}, timeout=heartbeat,
+        kicked = asyncio.ensure_future(connection.kicked.wait())
+        done, _ = await asyncio.wait({receive, slow, kicked, sender}, timeout=heartbeat,
                                      return_when=asyncio.FIRST_COMPLETED)
         slow.cancel()
-        if receive not in done:
+        kicked.cancel()
+        if receive not in done or connection.kicked.is_set():
             receive.cancel()
             with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect):
                 await receive
-            code, reason = (CLOSE_SLOW, "too slow") if slow in done else (CLOSE_IDLE, "no heartbeat")
+            if connection.kicked.is_set():
+                code, reason = connection.kick_code, connection.kick_reason
+            elif slow in done:
+                code, reason = CLOSE_SLOW, "too slow"
+            else:
+                code, reason = CLOSE_IDLE, "no heartbeat"
             if sender in done:
                 return  # the socket is gone under the sender
             with contextlib.suppress(Exception):
@@ -136,9 +166,13 @@ async def serve(socket: WebSocket[Any, Any, Any], connection: Connection, state:
             text = receive.result()
         except WebSocketDisconnect:
             return
+        if len(text) > largest or len(text.encode()) > largest:  # uvicorn refuses it earlier; other servers may not
+            with contextlib.suppress(Exception):
+                await socket.close(code=CLOSE_TOO_BIG, reason="message too big")
+            return
         try:
             message = msgspec.json.decode(text, type=ClientFrame)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError, ValueError):  # deep nesting raises RecursionError
             connection.offer(error_frame("invalid_frame"))
             continue
         if message.type == "ping":

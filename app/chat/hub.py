@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -20,20 +21,31 @@ from app.chat.streams import decode
 
 log = logging.getLogger("app.realtime")
 CHANNEL = "clinic:events"
+_opened = itertools.count()  # the order sockets opened in, to find a user's oldest
 
 
 class Connection:
     """One client socket: a bounded queue of events for it and the last stream position it was sent."""
 
-    def __init__(self, user_id: UUID, limit: int) -> None:
+    def __init__(self, user_id: UUID, limit: int, sid: UUID | None = None) -> None:
         self.id = uuid4().hex
+        self.opened = next(_opened)
         self.user_id = user_id
+        self.sid = sid  # the login whose token opened it: a revoked login closes only its own sockets
         self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=limit)  # events, raw frames, resumes
         self.started_at = 0  # the stream position when the socket opened: later events are sent live
         self.last_seq = 0  # the last position sent in order
         self.resume_from: int | None = None  # what a first-frame resume asked for
         self.ready = asyncio.Event()  # the client has said its first word
         self.overflowed = asyncio.Event()
+        self.kicked = asyncio.Event()  # the server ends this socket (revoked access, too many sockets)
+        self.kick_code, self.kick_reason = 1000, ""
+
+    def kick(self, code: int, reason: str) -> None:
+        """Ask the socket's reader to close it with this code; the first reason given wins."""
+        if not self.kicked.is_set():
+            self.kick_code, self.kick_reason = code, reason
+            self.kicked.set()
 
     def offer(self, item: Any) -> None:
         try:
@@ -55,6 +67,18 @@ class Hub:
             mine.discard(connection)
             if not mine:
                 del self.connections[connection.user_id]
+
+    def oldest_beyond(self, user_id: UUID, limit: int) -> list[Connection]:
+        """This user's oldest live sockets past the newest `limit` of them (those already closing do not count)."""
+        mine = sorted((c for c in self.connections.get(user_id, ()) if not c.kicked.is_set()), key=lambda c: c.opened)
+        return mine[:max(0, len(mine) - limit)]
+
+    def kick_user(self, user_id: UUID, code: int, reason: str) -> int:
+        """Close every socket of this user on this process; how many there were."""
+        mine = list(self.connections.get(user_id, ()))
+        for connection in mine:
+            connection.kick(code, reason)
+        return len(mine)
 
     def deliver(self, raw: bytes) -> None:
         for event in decode(raw):

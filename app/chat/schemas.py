@@ -43,7 +43,7 @@ class ReadIn(Wire):
 
 
 class ExtendIn(Wire):
-    until: dt.datetime
+    until: Annotated[dt.datetime, Meta(tz=True)]  # an instant: a zone-less time would mean a different one per reader
 
 
 class LastMessage(Out):

@@ -29,6 +29,7 @@ from app.db import insert_ignoring_duplicates
 from app.errors import Conflict, DomainError, Forbidden, Invalid, NotVisible, TooMany
 from app.limits import RateLimiter
 from app.settings import Settings
+from app.timeparams import answers_in
 
 
 def utcnow() -> dt.datetime:
@@ -36,8 +37,9 @@ def utcnow() -> dt.datetime:
 
 
 def message_data(m: Message) -> dict[str, Any]:
-    """message.new carries the message exactly as the REST answer shapes it."""
-    data: dict[str, Any] = msgspec.to_builtins(message_out(m))
+    """message.new carries the message exactly as the REST answer shapes it (in UTC: many people read it)."""
+    with answers_in(None):
+        data: dict[str, Any] = msgspec.to_builtins(message_out(m))
     return data
 
 

@@ -9,10 +9,10 @@ from uuid import UUID
 from litestar import Controller, Request, get, patch, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
-from litestar.params import FromPath, FromQuery, JSONBody, Parameter, QueryParameter
+from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import timeparams
+from app import params, timeparams
 from app.access import ADMINS, BOOKERS_FOR_OTHERS, PATIENTS, SPECIALIST_ROLES, Viewer, require_roles, signed_in
 from app.accounts.controllers import parse_cursor
 from app.chat.schemas import ConversationOut, ExtendIn
@@ -76,11 +76,11 @@ def rating_out(r: Rating) -> RatingOut:
 def parse_calendar_cursor(cursor: str | None) -> tuple[dt.datetime, UUID] | None:
     if cursor is None:
         return None
+    at, _, ident = cursor.partition("|")
     try:
-        at, _, ident = cursor.partition("|")
-        return dt.datetime.fromisoformat(at), UUID(ident)
-    except ValueError as exc:
-        raise Invalid("bad cursor", "cursor_invalid") from exc
+        return timeparams.parse_aware(at), UUID(ident)
+    except (Invalid, ValueError) as exc:  # only ever one of our next_cursor values
+        raise Invalid("the cursor is not one this list gave out", "cursor_invalid") from exc
 
 
 class ConsultationController(Controller):
@@ -101,14 +101,15 @@ class ConsultationController(Controller):
     @get("/", guards=[signed_in])
     async def list_consultations(self, request: Request[Viewer, Any, Any],
                                  consultations: NamedDependency[ConsultationService],
-                                 from_: Annotated[str | None, QueryParameter(name="from")] = None,
-                                 to: FromQuery[str | None] = None, status: FromQuery[Status | None] = None,
-                                 specialist_id: FromQuery[UUID | None] = None, tz: FromQuery[str | None] = None,
-                                 limit: FromQuery[Limit] = 200, cursor: FromQuery[str | None] = None,
+                                 from_: params.From = None,
+                                 to: params.To = None, status: FromQuery[Status | None] = None,
+                                 specialist_id: FromQuery[UUID | None] = None, tz: params.Zone = None,
+                                 limit: FromQuery[Limit] = 200, cursor: params.Cursor = None,
                                  ) -> Page[ConsultationOut]:
         start = end = None
         if from_ or to:
             zone = timeparams.zone(tz or await consultations.accounts.timezone_of(request.user.id))
+            timeparams.answer_in(zone)  # the days asked for and the answer in one zone
             start, end = timeparams.time_range(from_, to, zone)
         page = await consultations.calendar(request.user, start, end, status, specialist_id, limit,
                                             parse_calendar_cursor(cursor))
@@ -164,6 +165,8 @@ class ConsultationController(Controller):
     async def pay_consultation(self, request: Request[Viewer, Any, Any],
                                consultations: NamedDependency[ConsultationService], consultation_id: FromPath[UUID],
                                data: JSONBody[PayIn]) -> ConsultationOut:
+        """A payment taken at the front desk (registrar, admin): the service's price, once. Patients pay online:
+        `POST /api/v1/consultations/{id}/payments`."""
         visit = await consultations.pay(request.user, consultation_id, data)
         return await self._shaped(consultations, request.user, visit)
 
@@ -204,7 +207,7 @@ class CareController(Controller):
     async def list_my_patients(self, request: Request[Viewer, Any, Any],
                                consultations: NamedDependency[ConsultationService],
                                tab: FromQuery[Literal["actual", "archive"]] = "actual",
-                               q: FromQuery[Annotated[str, Parameter(max_length=100)] | None] = None,
+                               q: params.Search = None,
                                ) -> Page[MyPatientOut]:
         rows = await consultations.my_patients(request.user, tab, q)
         return Page(items=[MyPatientOut(patient=brief(r.patient),  # type: ignore[arg-type]
@@ -221,7 +224,7 @@ class CareController(Controller):
     @get("/alerts/ratings", guards=[require_roles(*ADMINS)])
     async def list_low_ratings(self, consultations: NamedDependency[ConsultationService],
                                limit: FromQuery[Annotated[int, Parameter(ge=1, le=100)]] = 50,
-                               cursor: FromQuery[str | None] = None) -> Page[RatingOut]:
+                               cursor: params.Cursor = None) -> Page[RatingOut]:
         rows = await consultations.low_ratings(limit, parse_cursor(cursor))
         return Page(items=[rating_out(r) for r in rows[:limit]],
                     next_cursor=str(rows[limit - 1].id) if len(rows) > limit else None)

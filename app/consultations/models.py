@@ -1,14 +1,13 @@
-"""Consultations: the visit itself, its payments, conclusion with analysis orders, and rating."""
+"""Consultations: the visit itself, conclusion with analysis orders, and rating (payments: app/payments)."""
 
 from __future__ import annotations
 
 import datetime as dt
-from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
 from advanced_alchemy.types import GUID, DateTimeUTC
-from sqlalchemy import Boolean, Date, ForeignKey, Index, Integer, Numeric, String, Text, text
+from sqlalchemy import Boolean, Date, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, JsonDoc
@@ -42,17 +41,6 @@ class Consultation(Base):
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTimeUTC(timezone=True))
     completed_at: Mapped[dt.datetime | None] = mapped_column(DateTimeUTC(timezone=True))
     conversation_id: Mapped[UUID | None] = mapped_column(GUID)  # the chat feature fills it
-
-
-class Payment(Base):
-    __tablename__ = "payment"
-
-    consultation_id: Mapped[UUID] = mapped_column(GUID, ForeignKey("consultation.id", ondelete="RESTRICT"),
-                                                  index=True)
-    amount: Mapped[Decimal] = mapped_column(Numeric(10, 2))
-    method: Mapped[str] = mapped_column(String(16))
-    reference: Mapped[str] = mapped_column(String(128), unique=True)  # the payment system's id: idempotency
-    recorded_by: Mapped[UUID] = mapped_column(GUID)
 
 
 class Conclusion(Base):

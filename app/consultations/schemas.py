@@ -72,9 +72,12 @@ class CancelIn(Wire):
 
 
 class PayIn(Wire):
-    amount: Decimal  # checked by the service: above 0, at most 10,000,000, at most kopecks
-    method: Annotated[str, Meta(pattern=r"^(card|cash|online|transfer)$")]
+    """A payment taken at the front desk: the service's price, by card, cash or transfer."""
+
+    method: Annotated[str, Meta(max_length=16, pattern=r"^(card|cash|online|transfer)$")]
     reference: Annotated[str, Meta(min_length=1, max_length=128)]
+    # the service's price (checked, or taken when absent); above 0, at most 10,000,000, at most kopecks
+    amount: Decimal | None = None
 
 
 class DiagnosisIn(Wire):

@@ -18,10 +18,12 @@ from app import access, outbox
 from app.access import Role, Viewer
 from app.accounts.service import AccountService
 from app.chat.service import ChatService, Window
-from app.consultations.lifecycle import ENDED, OPEN_FOR_CHAT, TRANSITIONS, Party
-from app.consultations.models import AnalysisOrder, Conclusion, Consultation, Payment, Rating
+from app.consultations.lifecycle import ENDED, OPEN_FOR_CHAT, STATUS_PHRASES, TIMING_DETAILS, TRANSITIONS, Party
+from app.consultations.models import AnalysisOrder, Conclusion, Consultation, Rating
 from app.consultations.schemas import AnalysisStatus, BookIn, ConclusionIn, Format, PayIn, RatingIn, Status
-from app.errors import Conflict, Forbidden, Invalid, NotVisible
+from app.errors import Conflict, Forbidden, Invalid, NotVisible, Unavailable
+from app.payments.models import Payment
+from app.payments.service import PaymentService
 from app.scheduling.service import SchedulingService
 from app.schemas import money_ok
 from app.settings import Settings
@@ -38,11 +40,19 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-async def in_care(session: AsyncSession, specialist_id: UUID, patient_id: UUID) -> bool:
-    """Whether a specialist has (had or will have) a consultation with the patient."""
+# Who is in whose care, the one rule (cards, conclusions): care starts when a consultation is confirmed (a mere
+# request grants nothing), holds while it is confirmed or under way and for CARE_AFTER_DAYS after it completes.
+# A no-show is a consultation that did not happen: the care its confirmation gave ends with it.
+CARING = (Status.CONFIRMED, Status.IN_PROGRESS)
+
+
+async def in_care(session: AsyncSession, specialist_id: UUID, patient_id: UUID, care_after_days: int) -> bool:
+    since = utcnow() - dt.timedelta(days=care_after_days)
     return bool(await session.scalar(select(exists().where(
         Consultation.specialist_id == specialist_id, Consultation.patient_id == patient_id,
-        Consultation.status != Status.CANCELLED))))
+        or_(and_(Consultation.status.in_(CARING), Consultation.ends_at >= since),  # a visit never closed lapses too
+            and_(Consultation.status == Status.COMPLETED,
+                 func.coalesce(Consultation.completed_at, Consultation.ends_at) >= since))))))
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,12 +71,13 @@ class Page:
 
 class ConsultationService:
     def __init__(self, session: AsyncSession, settings: Settings, accounts: AccountService,
-                 scheduling: SchedulingService, chat: ChatService) -> None:
+                 scheduling: SchedulingService, chat: ChatService, payments: PaymentService) -> None:
         self.session = session
         self.settings = settings
         self.accounts = accounts
         self.scheduling = scheduling
         self.chat = chat
+        self.payments = payments
 
     # --- booking -------------------------------------------------------------------------------
 
@@ -77,6 +88,13 @@ class ConsultationService:
                                                                     data.patient_name, data.dependent_name)
         else:
             patient_id = await self.accounts.acting_patient(viewer, data.patient_id)
+        patient = await self.scheduling.one_at_a_time(patient_id)  # this patient's bookings queue up from here
+        live = await self.session.scalar(select(func.count()).select_from(Consultation).where(  # so the count holds
+            Consultation.patient_id == patient_id, Consultation.ends_at > utcnow(),
+            Consultation.status.not_in([s.value for s in ENDED])))
+        if (live or 0) >= self.settings.live_bookings_per_patient:
+            raise Conflict(f"a patient holds at most {self.settings.live_bookings_per_patient} upcoming visits",
+                           "too_many_bookings", limit=self.settings.live_bookings_per_patient)
         slot = await self.scheduling.slot(data.slot_id)
         if slot.consultation_id is not None:  # already gone: answer at once (the claim below still decides)
             raise Conflict("the slot is already taken", "slot_taken")
@@ -86,6 +104,7 @@ class ConsultationService:
             raise Invalid("this specialist does not offer this service", "service_not_offered")
         if slot.starts_at <= utcnow():
             raise Invalid("the slot has already begun", "slot_in_past")
+        await self.scheduling.check_serves(service.specialty, patient, slot.starts_at)
         history = await self._history(patient_id)
         if data.format is Format.ONLINE:
             if service.in_person_only:
@@ -96,6 +115,8 @@ class ConsultationService:
         status = Status.PENDING_CONFIRMATION if first_time and not front_desk else Status.CONFIRMED
         consultation_id = uuid7()
         await self.scheduling.claim(slot.id, consultation_id, viewer, data.hold_id)  # 409 for every loser
+        # after the claim: on SQLite its write lock is what orders two bookings of one patient
+        await self._refuse_if_busy(patient_id, slot.starts_at, slot.ends_at)
         conversation = await self.chat.conversation_for(patient_id, specialist.id)
         visit = Consultation(
             id=consultation_id, patient_id=patient_id, specialist_id=specialist.id, service_id=service.id,
@@ -113,6 +134,14 @@ class ConsultationService:
         await self._announce(visit, "booked")
         return visit
 
+    async def _refuse_if_busy(self, patient_id: UUID, starts_at: dt.datetime, ends_at: dt.datetime) -> None:
+        """One person, one place at a time: no two live consultations of a patient overlap."""
+        overlapping = await self.session.scalar(select(Consultation.id).where(
+            Consultation.patient_id == patient_id, Consultation.status.in_(LIVE),
+            Consultation.starts_at < ends_at, Consultation.ends_at > starts_at).limit(1))
+        if overlapping is not None:
+            raise Conflict("the patient has another consultation at this time", "patient_busy")
+
     @dataclass(frozen=True, slots=True)
     class History:
         completed_any: bool
@@ -127,6 +156,22 @@ class ConsultationService:
         return ConsultationService.History(completed_any=row[0] > 0, completed_in_person=row[1] > 0)
 
     # --- reading -------------------------------------------------------------------------------
+
+    async def in_care(self, viewer: Viewer, patient_id: UUID) -> bool:
+        """Whether the caller, a clinician, is in care of the patient now (the rule: `in_care` above)."""
+        return access.is_clinician(viewer) and await in_care(self.session, viewer.id, patient_id,
+                                                             self.settings.care_after_days)
+
+    async def patient_card(self, viewer: Viewer, patient_id: UUID) -> dict[str, Any]:
+        """The card, masked for the caller: their own or a dependent's, the front desk's, or a clinician's
+        in care of the patient; anyone else gets 404."""
+        patient = await self.accounts.patient(patient_id)
+        own = patient.id == viewer.id or patient.guardian_id == viewer.id
+        # methodists read no card by id: the documents inbox is to grant those of patients behind an analysis
+        # in it, here, as one more reason to read beside care
+        if not own and not access.may_read_any_card(viewer) and not await self.in_care(viewer, patient.id):
+            raise NotVisible("patient not found")
+        return self.accounts.masked_card(viewer, patient)
 
     async def _party(self, viewer: Viewer, visit: Consultation) -> Party:
         for_patient = visit.patient_id == viewer.id or (
@@ -175,13 +220,16 @@ class ConsultationService:
         visit, party = await self.visible(viewer, consultation_id)
         rule = TRANSITIONS[command]
         if not rule.may(party):
-            raise Forbidden(f"you may not {command.replace('_', '-')} this consultation", "not_allowed")
+            raise Forbidden(f"you may not {rule.verb}", "not_allowed")
         now = utcnow()
         if visit.status not in rule.sources:
-            raise Conflict(f"a {visit.status} consultation cannot be {command}ed", "transition_not_allowed",
-                           status=visit.status)
-        if (late := rule.timing(visit, now)) is not None:
-            raise Conflict(f"too {'late' if late != 'not_started_yet' else 'early'} to {command}", late)
+            raise Conflict(f"a consultation {STATUS_PHRASES.get(visit.status, visit.status)} cannot be {rule.past}",
+                           "transition_not_allowed", status=visit.status)
+        if (untimely := rule.timing(visit, now, self.settings)) is not None:
+            raise Conflict(TIMING_DETAILS[untimely].format(early=self.settings.start_early_minutes), untimely)
+        if (rule.target is Status.IN_PROGRESS and visit.format == Format.ONLINE and self.settings.online_prepaid
+                and not visit.paid):  # the clinic takes online visits prepaid: no call before the money
+            raise Conflict("an online consultation starts once it is paid", "payment_required")
         values: dict[str, Any] = {"status": rule.target.value, "updated_at": now}
         if rule.target is Status.IN_PROGRESS:
             values["started_at"] = now
@@ -202,36 +250,86 @@ class ConsultationService:
             await self.chat.close_window(visit.id)
         if rule.target is Status.CANCELLED:
             await self.scheduling.release(visit.slot_id, visit.id)
-            await self.scheduling.announce_free(await self.accounts.specialist(visit.specialist_id), visit.starts_at)
+            if visit.paid:  # given back: by the provider after the commit, or by the front desk
+                await self.payments.refund_due(visit.id)
+            await self.scheduling.announce_free(await self.accounts.specialist(visit.specialist_id), visit.slot_id,
+                                                visit.starts_at)
         await self._announce(visit, command)
         return visit
 
+    # --- payments (the ledger and the provider: app/payments) -----------------------------------
+
     async def pay(self, viewer: Viewer, consultation_id: UUID, data: PayIn) -> Consultation:
+        """A payment taken at the front desk; a patient pays online, and only the provider's word makes it paid."""
         visit, party = await self.visible(viewer, consultation_id)
-        if not (party.for_patient or party.is_front_desk):
-            raise Forbidden("only the patient or the front desk record payments", "not_allowed")
-        if not money_ok(data.amount, allow_zero=False):
+        if not party.is_front_desk:
+            raise Forbidden("the front desk records payments; a patient pays online", "not_allowed")
+        price = (await self.scheduling.service(visit.service_id)).price
+        amount = price if data.amount is None else data.amount
+        if not money_ok(amount, allow_zero=False):
             raise Invalid("an amount is above 0, at most 10,000,000, with at most two decimals", "amount_invalid")
-        known = await self.session.scalar(select(Payment).where(Payment.reference == data.reference))
-        if known is not None:  # the same payment reported again: answer as before
-            if known.consultation_id != visit.id:
-                raise Conflict("this payment reference belongs to another consultation", "payment_reference_used")
-            if (known.amount, known.method) != (data.amount, data.method):
-                raise Conflict("this payment reference was recorded with another amount or method",
-                               "payment_reference_used")
-            return visit
+        if amount != price:
+            raise Invalid(f"the amount is the service's price, {price:.2f}", "amount_mismatch", price=f"{price:.2f}")
+        if data.method == "online":
+            raise Invalid("an online payment is made through the payment provider, not recorded by hand",
+                          "method_not_desk")
+        if await self.payments.desk_replay(visit.id, amount, data.method, data.reference):
+            return visit  # the same payment reported again: answer as before
         if visit.status in (Status.CANCELLED, Status.NO_SHOW):
             raise Conflict(f"a {visit.status} consultation takes no payment", "transition_not_allowed")
-        self.session.add(Payment(consultation_id=visit.id, amount=data.amount, method=data.method,
-                                 reference=data.reference, recorded_by=viewer.id))
-        visit.paid = True
-        try:
-            async with self.session.begin_nested():
-                await self.session.flush()
-        except IntegrityError as exc:  # the same reference recorded in parallel
-            raise Conflict("this payment was already recorded", "payment_reference_used") from exc
-        await self._announce(visit, "paid")
+        await self.payments.record_desk(visit.id, amount, data.method, data.reference, viewer.id)
+        await self._mark_paid(visit)
         return visit
+
+    async def pay_online(self, viewer: Viewer, consultation_id: UUID) -> Payment:
+        """The patient's (or guardian's) online payment: a page of the provider to pay on."""
+        visit, party = await self.visible(viewer, consultation_id)
+        if not party.for_patient:
+            raise NotVisible("consultation not found")
+        if self.payments.provider is None:
+            raise Conflict("online payment is not offered here: pay at the front desk", "online_payment_unavailable")
+        if visit.paid:
+            raise Conflict("this consultation is already paid", "already_paid")
+        if visit.status in (Status.CANCELLED, Status.NO_SHOW):
+            raise Conflict(f"a {visit.status} consultation takes no payment", "transition_not_allowed")
+        if (open_ := await self.payments.pending(visit.id)) is not None:
+            try:  # the patient asks again: the same page, unless the provider has settled it meanwhile
+                if await self.payments.confirm(open_):
+                    await self._settled(open_)
+            except Unavailable:
+                return open_
+            if open_.status != "canceled":
+                return open_
+        price = (await self.scheduling.service(visit.service_id)).price
+        return await self.payments.start_online(visit.id, price, viewer.id)
+
+    async def payments_of(self, viewer: Viewer, consultation_id: UUID) -> list[Payment]:
+        visit, party = await self.visible(viewer, consultation_id)
+        if not (party.for_patient or party.is_front_desk):
+            raise Forbidden("a consultation's payments are its patient's and the front desk's", "not_allowed")
+        return await self.payments.of_consultation(visit.id)
+
+    async def payment_notified(self, provider: str, event: str, object_id: str) -> bool:
+        """A provider's notification: only a hint to ask the provider; False when nothing changed."""
+        if event.startswith("refund."):
+            return await self.payments.refund_notified(object_id)
+        payment = await self.payments.find_online(provider, object_id)
+        if payment is None or not await self.payments.confirm(payment):
+            return False
+        await self._settled(payment)
+        return True
+
+    async def _settled(self, payment: Payment) -> None:
+        visit = await self.session.get(Consultation, payment.consultation_id)
+        assert visit is not None  # a payment's consultation is never deleted
+        await self._mark_paid(visit)
+        if visit.status == Status.CANCELLED:  # paid after it was cancelled: owed back at once
+            await self.payments.refund_due(visit.id)
+
+    async def _mark_paid(self, visit: Consultation) -> None:
+        visit.paid = True
+        await self.session.flush()
+        await self._announce(visit, "paid")
 
     async def _announce(self, visit: Consultation, change: str) -> None:
         """consultation.updated: into the outbox for notifications, and live to the people of its chat."""
@@ -266,7 +364,7 @@ class ConsultationService:
             raise Conflict("a conclusion follows the start of the consultation", "consultation_not_started")
         for diagnosis in data.diagnoses:
             if not ICD10.fullmatch(diagnosis.code.strip().upper()):
-                raise Invalid(f"{diagnosis.code!r} is not an ICD-10 code", "icd10_invalid")
+                raise Invalid(f"diagnosis code {diagnosis.code} is not an ICD-10 code such as E11.9", "icd10_invalid")
         if data.diagnoses and sum(d.main for d in data.diagnoses) != 1:
             raise Invalid("exactly one diagnosis is the main one", "main_diagnosis_required")
         if data.follow_up and data.follow_up.service_id:
@@ -305,7 +403,7 @@ class ConsultationService:
         if visit is None or conclusion is None:
             raise NotVisible("conclusion not found")
         party = await self._party(viewer, visit)
-        care = access.is_clinician(viewer) and await in_care(self.session, viewer.id, visit.patient_id)
+        care = await self.in_care(viewer, visit.patient_id)
         if not access.conclusion_visible(viewer, author_id=conclusion.author_id, author_role=conclusion.author_role,
                                          own_patient=party.for_patient, in_care=care):
             raise NotVisible("conclusion not found")

@@ -5,19 +5,21 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from litestar import Controller, Request, Response, get, post, put
+from litestar import Controller, Request, Response, delete, get, post, put
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
-from litestar.params import FromPath, FromQuery, JSONBody, Parameter, QueryParameter
+from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import timeparams
-from app.access import BOOKERS_FOR_OTHERS, PATIENTS, PUBLIC, Role, Viewer, require_roles, signed_in
+from app import params, timeparams
+from app.access import ADMINS, BOOKERS_FOR_OTHERS, PATIENTS, PUBLIC, Role, Viewer, require_roles, signed_in
 from app.accounts.controllers import parse_cursor, provide_accounts
 from app.accounts.service import AccountService
-from app.scheduling.models import ClinicService, Schedule, Slot, WaitlistRequest
+from app.scheduling.models import ClinicService, Schedule, Slot, SpecialtyRule, WaitlistRequest
 from app.scheduling.schemas import (
     HoldOut,
+    RulesIn,
+    RulesOut,
     ScheduleIn,
     ScheduleOut,
     ServiceIn,
@@ -53,6 +55,11 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
     return "*" in tags or etag in tags
 
 
+def specialty_out(code: Specialty, rule: SpecialtyRule | None) -> SpecialtyOut:
+    rules = RulesOut(min_age=rule.min_age, max_age=rule.max_age, sex=rule.sex) if rule else RulesOut(None, None, None)
+    return SpecialtyOut(code=code.value, title=TITLES[code], rules=rules)
+
+
 def service_out(s: ClinicService) -> ServiceOut:
     return ServiceOut(id=s.id, specialty=s.specialty, title=s.title, duration_minutes=s.duration_minutes,
                       price=s.price, in_person_only=s.in_person_only, stage=s.stage)
@@ -81,8 +88,15 @@ class CatalogueController(Controller):
     dependencies = DEPENDENCIES  # resolved only for the handlers that name them
 
     @get("/specialties", opt=PUBLIC)
-    async def list_specialties(self) -> Page[SpecialtyOut]:
-        return Page(items=[SpecialtyOut(code=s.value, title=TITLES[s]) for s in Specialty])
+    async def list_specialties(self, scheduling: NamedDependency[SchedulingService]) -> Page[SpecialtyOut]:
+        rules = await scheduling.specialty_rules()
+        return Page(items=[specialty_out(s, rules.get(s.value)) for s in Specialty])
+
+    @put("/specialties/{code:str}/rules", guards=[require_roles(*ADMINS)])
+    async def set_specialty_rules(self, scheduling: NamedDependency[SchedulingService], code: FromPath[Specialty],
+                                  data: JSONBody[RulesIn]) -> SpecialtyOut:
+        """Whom a direction serves (age in whole years on the visit's day, sex); checked at every booking."""
+        return specialty_out(code, await scheduling.set_specialty_rules(code, data))
 
     @get("/services", opt=PUBLIC)
     async def list_services(self, scheduling: NamedDependency[SchedulingService],
@@ -112,9 +126,10 @@ class CatalogueController(Controller):
     @get("/specialists/{specialist_id:uuid}/slots", guards=[signed_in])
     async def list_slots(self, request: Request[Viewer, Any, Any], scheduling: NamedDependency[SchedulingService],
                          accounts: NamedDependency[AccountService], specialist_id: FromPath[UUID],
-                         from_: Annotated[str | None, QueryParameter(name="from")] = None,
-                         to: FromQuery[str | None] = None, tz: FromQuery[str | None] = None) -> Page[SlotOut]:
-        zone = timeparams.zone(tz or await accounts.timezone_of(request.user.id))
+                         from_: params.From = None,
+                         to: params.To = None, tz: params.Zone = None) -> Page[SlotOut]:
+        zone = timeparams.zone(tz or await accounts.timezone_of(request.user.id))  # the stored zone, just changed
+        timeparams.answer_in(zone)
         start, end = timeparams.time_range(from_, to, zone)
         await accounts.specialist(specialist_id)
         return Page(items=[slot_out(s, zone) for s in await scheduling.free_slots(specialist_id, start, end)])
@@ -128,8 +143,8 @@ class CatalogueController(Controller):
     @get("/slots/feed", opt=PUBLIC)
     async def slot_feed(self, request: Request[Any, Any, Any], state: State,
                         specialty: FromQuery[Specialty | None] = None,
-                        from_: Annotated[str | None, QueryParameter(name="from")] = None,
-                        to: FromQuery[str | None] = None) -> Response[bytes]:
+                        from_: params.From = None,
+                        to: params.To = None) -> Response[bytes]:
         """Partners poll this: a cache hit touches no database; one query per cache window per question."""
         cache: FeedCache = state.slot_feed_cache
         key = (specialty, from_, to)
@@ -155,14 +170,22 @@ class CatalogueController(Controller):
         return waitlist_out(await scheduling.add_to_waitlist(patient_id, request.user, data.specialty.value,
                                                              data.specialist_id, data.note))
 
-    @get("/waitlist", guards=[require_roles(*BOOKERS_FOR_OTHERS)])
-    async def list_waitlist(self, scheduling: NamedDependency[SchedulingService],
-                            status: FromQuery[Literal["open", "resolved"] | None] = "open",
+    @get("/waitlist", guards=[require_roles(*PATIENTS, *BOOKERS_FOR_OTHERS)])
+    async def list_waitlist(self, request: Request[Viewer, Any, Any], scheduling: NamedDependency[SchedulingService],
+                            status: FromQuery[Literal["open", "resolved", "withdrawn"] | None] = "open",
                             limit: FromQuery[Limit] = 50,
-                            cursor: FromQuery[str | None] = None) -> Page[WaitlistOut]:
-        rows = await scheduling.waitlist(status, limit, parse_cursor(cursor))
+                            cursor: params.Cursor = None) -> Page[WaitlistOut]:
+        """The front desk sees every request; a patient their own and their dependents'."""
+        rows = await scheduling.waitlist(request.user, status, limit, parse_cursor(cursor))
         return Page(items=[waitlist_out(w) for w in rows[:limit]],
                     next_cursor=str(rows[limit - 1].id) if len(rows) > limit else None)
+
+    @delete("/waitlist/{request_id:uuid}", status_code=204, guards=[require_roles(*PATIENTS)])
+    async def withdraw_from_waitlist(self, request: Request[Viewer, Any, Any],
+                                     scheduling: NamedDependency[SchedulingService],
+                                     request_id: FromPath[UUID]) -> None:
+        """The patient withdraws their own (or a dependent's) request; it stays listed as withdrawn."""
+        await scheduling.withdraw_from_waitlist(request_id, request.user)
 
     @post("/waitlist/{request_id:uuid}/resolve", status_code=200, guards=[require_roles(*BOOKERS_FOR_OTHERS)])
     async def resolve_waitlist(self, request: Request[Viewer, Any, Any],

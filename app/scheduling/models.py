@@ -60,6 +60,17 @@ class Slot(Base):
     held_until: Mapped[dt.datetime | None] = mapped_column(DateTimeUTC(timezone=True))
 
 
+class SpecialtyRule(Base):
+    """Whom a direction serves: an age range (in whole years on the visit's day) and a sex; null is no limit."""
+
+    __tablename__ = "specialty_rule"
+
+    specialty: Mapped[str] = mapped_column(String(32), unique=True)
+    min_age: Mapped[int | None] = mapped_column(Integer)
+    max_age: Mapped[int | None] = mapped_column(Integer)
+    sex: Mapped[str | None] = mapped_column(String(8))  # female | male
+
+
 class WaitlistRequest(Base):
     __tablename__ = "waitlist_request"
 
@@ -68,7 +79,7 @@ class WaitlistRequest(Base):
     specialty: Mapped[str] = mapped_column(String(32), index=True)
     specialist_id: Mapped[UUID | None] = mapped_column(GUID, ForeignKey("user_account.id", ondelete="CASCADE"))
     note: Mapped[str] = mapped_column(String(1000), default="")
-    status: Mapped[str] = mapped_column(String(16), default="open", index=True)  # open | resolved
+    status: Mapped[str] = mapped_column(String(16), default="open", index=True)  # open | resolved | withdrawn
     resolved_by: Mapped[UUID | None] = mapped_column(GUID)
     resolution: Mapped[str | None] = mapped_column(String(1000))
     notified_at: Mapped[dt.datetime | None] = mapped_column(DateTimeUTC(timezone=True))

@@ -11,10 +11,11 @@ from uuid import UUID
 import msgspec
 from msgspec import Meta
 
+from app.accounts.schemas import Sex
 from app.schemas import Out, Wire
 from app.specialties import Specialty
 
-ClockTime = Annotated[str, Meta(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$|^24:00$", examples=["09:00"])]
+ClockTime = Annotated[str, Meta(max_length=5, pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$|^24:00$", examples=["09:00"])]
 Weekday = Annotated[int, Meta(ge=0, le=6, description="Monday 0 ... Sunday 6")]
 
 
@@ -24,9 +25,27 @@ class Stage(StrEnum):
     SINGLE = "single"
 
 
+Age = Annotated[int, Meta(ge=0, le=130, description="whole years on the day of the visit")]
+
+
+class RulesIn(Wire):
+    """Whom a direction serves; null (or absent) is no limit."""
+
+    min_age: Age | None = None
+    max_age: Age | None = None
+    sex: Sex | None = None
+
+
+class RulesOut(Out):
+    min_age: int | None
+    max_age: int | None
+    sex: str | None
+
+
 class SpecialtyOut(Out):
     code: str
     title: str
+    rules: RulesOut
 
 
 class ServiceIn(Wire):

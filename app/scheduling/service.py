@@ -12,20 +12,23 @@ from uuid import UUID
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from uuid_utils.compat import uuid7
 
-from app import outbox
+from app import access, outbox
 from app.access import Viewer
 from app.accounts.models import User
-from app.db import insert_ignoring_duplicates
+from app.accounts.service import age_on
+from app.chat import streams
+from app.db import dialect_insert, insert_ignoring_duplicates
 from app.errors import Conflict, Invalid, NotVisible
 from app.scheduling.calendar import slot_times, valid_hours
-from app.scheduling.models import ClinicService, Schedule, Slot, WaitlistRequest
-from app.scheduling.schemas import FeedSlotOut, ScheduleIn, ServiceIn
+from app.scheduling.models import ClinicService, Schedule, Slot, SpecialtyRule, WaitlistRequest
+from app.scheduling.schemas import FeedSlotOut, RulesIn, ScheduleIn, ServiceIn
 from app.schemas import money_ok
 from app.settings import Settings
+from app.specialties import TITLES, Specialty
 
 
 def utcnow() -> dt.datetime:
@@ -80,6 +83,58 @@ class SchedulingService:
         await self.session.flush()
         return service
 
+    async def specialty_rules(self) -> dict[str, SpecialtyRule]:
+        return {r.specialty: r for r in (await self.session.scalars(select(SpecialtyRule))).all()}
+
+    async def set_specialty_rules(self, specialty: Specialty, data: RulesIn) -> SpecialtyRule:
+        if data.min_age is not None and data.max_age is not None and data.min_age > data.max_age:
+            raise Invalid("min_age is at most max_age", "rules_invalid")
+        values = {"min_age": data.min_age, "max_age": data.max_age, "sex": data.sex.value if data.sex else None}
+        now = utcnow()
+        upsert = dialect_insert(self.session)(SpecialtyRule)  # one row per direction, also when two admins race
+        await self.session.execute(upsert.values(id=uuid7(), specialty=specialty.value, created_at=now, updated_at=now,
+                                                 **values)
+                                   .on_conflict_do_update(index_elements=["specialty"],
+                                                          set_={**values, "updated_at": now}))
+        rule = await self.session.scalar(select(SpecialtyRule).where(SpecialtyRule.specialty == specialty.value)
+                                         .execution_options(populate_existing=True))
+        assert rule is not None
+        return rule
+
+    async def check_serves(self, specialty: str, patient: User, starts_at: dt.datetime) -> None:
+        """The direction's rule on whom it serves, for this patient on the day of the visit."""
+        rule = await self.session.scalar(select(SpecialtyRule).where(SpecialtyRule.specialty == specialty))
+        if rule is None:
+            return
+        title = TITLES[Specialty(specialty)]
+        if rule.min_age is not None or rule.max_age is not None:
+            if patient.birth_date is None:
+                raise Invalid(f"{title} serves patients by age: the patient's birth date is needed",
+                              "birth_date_required")
+            age = age_on(patient.birth_date, starts_at.astimezone(_zone(self.settings.clinic_timezone)).date())
+            if rule.min_age is not None and age < rule.min_age:
+                raise Invalid(f"{title} serves patients aged {rule.min_age} and over", "patient_too_young",
+                              min_age=rule.min_age)
+            if rule.max_age is not None and age > rule.max_age:
+                raise Invalid(f"{title} serves patients aged up to {rule.max_age}", "patient_too_old",
+                              max_age=rule.max_age)
+        if rule.sex is not None:
+            if patient.sex is None:
+                raise Invalid(f"{title} serves {rule.sex} patients: the patient's sex is needed", "sex_required")
+            if patient.sex != rule.sex:
+                raise Invalid(f"{title} serves {rule.sex} patients only", "patient_sex_not_served", sex=rule.sex)
+
+    async def one_at_a_time(self, person_id: UUID) -> User:
+        """Lock the person's row until commit, so their bookings and holds are checked one after another.
+
+        FOR NO KEY UPDATE: it queues other bookers of this person, not rows that merely refer to them. SQLite
+        has no row locks; there the first write of a transaction takes the one writer's lock, which callers
+        rely on by checking counts after their own write."""
+        person = await self.session.scalar(select(User).where(User.id == person_id).with_for_update(key_share=True))
+        if person is None:
+            raise NotVisible("patient not found")
+        return person
+
     async def service(self, service_id: UUID) -> ClinicService:
         service = await self.session.get(ClinicService, service_id)
         if service is None or not service.active:
@@ -107,13 +162,14 @@ class SchedulingService:
         schedule.weekly, schedule.breaks = weekly, breaks
         first_new, created, removed = await self._sync_slots(schedule, prune=True)
         if first_new is not None:
-            await self.announce_free(specialist, first_new)
+            await self.announce_free(specialist, first_new["id"], first_new["starts_at"])
         return schedule, created, removed
 
-    async def _sync_slots(self, schedule: Schedule, *, prune: bool) -> tuple[dt.datetime | None, int, int]:
+    async def _sync_slots(self, schedule: Schedule, *,
+                          prune: bool) -> tuple[dict[str, Any] | None, int, int]:
         """Create the schedule's missing slots up to its horizon; with prune, drop free ones it no longer has.
 
-        Returns the first new slot's start, how many were created and how many removed."""
+        Returns the first new slot (its row), how many were created and how many removed."""
         now = utcnow()
         first_day = now.astimezone(_zone(schedule.timezone)).date()
         wanted = {start: end for start, end in slot_times(schedule.timezone, schedule.weekly, schedule.breaks,
@@ -140,8 +196,7 @@ class SchedulingService:
             rows.append({"id": uuid7(), "specialist_id": schedule.specialist_id, "starts_at": start, "ends_at": end,
                          "created_at": now, "updated_at": now})
         created = await insert_ignoring_duplicates(self.session, Slot, rows)
-        first_new: dt.datetime | None = rows[0]["starts_at"] if rows else None
-        return first_new, created, len(drop)
+        return (rows[0] if rows else None), created, len(drop)
 
     async def extend_horizons(self) -> int:
         """Keep every schedule's slots reaching its horizon as days pass; safe to run on many instances."""
@@ -165,7 +220,17 @@ class SchedulingService:
         return slot
 
     async def hold(self, slot_id: UUID, viewer: Viewer) -> tuple[UUID, dt.datetime]:
+        """Hold a slot for a few minutes. A patient holds a fair share: at most `holds_per_patient` at once, and
+        holding again what one holds answers the same hold, which ends when it always did."""
+        limited = not viewer.has_any(access.BOOKERS_FOR_OTHERS)  # the front desk holds for many callers
+        if limited:
+            await self.one_at_a_time(viewer.id)
         now = utcnow()
+        own = (await self.session.execute(select(Slot.hold_id, Slot.held_until).where(
+            Slot.id == slot_id, Slot.held_by == viewer.id, Slot.held_until > now,
+            Slot.consultation_id.is_(None)))).one_or_none()
+        if own is not None and own.hold_id is not None and own.held_until is not None:
+            return own.hold_id, own.held_until
         hold_id, until = uuid7(), now + dt.timedelta(seconds=self.settings.hold_seconds)
         held = await self.session.execute(
             update(Slot).where(Slot.id == slot_id, Slot.starts_at > now, is_free(now))
@@ -173,6 +238,12 @@ class SchedulingService:
         if held.one_or_none() is None:
             await self.slot(slot_id)  # 404 when it does not exist at all
             raise Conflict("the slot is taken or held by someone else", "slot_taken")
+        if limited:  # counted after our own write, under the lock above: parallel holds cannot pass the limit
+            live = await self.session.scalar(select(func.count()).select_from(Slot).where(
+                Slot.held_by == viewer.id, Slot.held_until > now, Slot.consultation_id.is_(None)))
+            if (live or 0) > self.settings.holds_per_patient:
+                raise Conflict(f"at most {self.settings.holds_per_patient} slots may be held at once: book one "
+                               "or let a hold expire", "too_many_holds", limit=self.settings.holds_per_patient)
         return hold_id, until
 
     async def claim(self, slot_id: UUID, consultation_id: UUID, viewer: Viewer, hold_id: UUID | None) -> Slot:
@@ -212,19 +283,41 @@ class SchedulingService:
 
     async def add_to_waitlist(self, patient_id: UUID, viewer: Viewer, specialty: str,
                               specialist_id: UUID | None, note: str) -> WaitlistRequest:
+        waiting = await self.session.scalar(select(func.count()).select_from(WaitlistRequest).where(
+            WaitlistRequest.patient_id == patient_id, WaitlistRequest.status == "open"))
+        if (waiting or 0) >= self.settings.waitlist_per_patient:
+            raise Conflict(f"a patient has at most {self.settings.waitlist_per_patient} open waitlist requests",
+                           "too_many_waitlist_requests", limit=self.settings.waitlist_per_patient)
         request = WaitlistRequest(patient_id=patient_id, requested_by=viewer.id, specialty=specialty,
                                   specialist_id=specialist_id, note=note.strip())
         self.session.add(request)
         await self.session.flush()
         return request
 
-    async def waitlist(self, status: str | None, limit: int, cursor: UUID | None) -> list[WaitlistRequest]:
+    async def waitlist(self, viewer: Viewer, status: str | None, limit: int,
+                       cursor: UUID | None) -> list[WaitlistRequest]:
+        """The front desk sees every request; a patient their own and their dependents'."""
         query = select(WaitlistRequest).order_by(WaitlistRequest.id).limit(limit + 1)
+        if not viewer.has_any(access.BOOKERS_FOR_OTHERS):
+            query = query.where(_acted_for(viewer))
         if status:
             query = query.where(WaitlistRequest.status == status)
         if cursor:
             query = query.where(WaitlistRequest.id > cursor)
         return list((await self.session.scalars(query)).all())
+
+    async def withdraw_from_waitlist(self, request_id: UUID, viewer: Viewer) -> None:
+        """The patient takes back their own (or a dependent's) request; again is no change."""
+        request = await self.session.scalar(select(WaitlistRequest).where(WaitlistRequest.id == request_id,
+                                                                          _acted_for(viewer)))
+        if request is None:
+            raise NotVisible("waitlist request not found")
+        if request.status == "withdrawn":
+            return
+        if request.status != "open":
+            raise Conflict("this request was already resolved by the clinic", "waitlist_resolved")
+        request.status, request.resolved_by = "withdrawn", viewer.id
+        await self.session.flush()
 
     async def resolve_waitlist(self, request_id: UUID, viewer: Viewer, resolution: str) -> WaitlistRequest:
         request = await self.session.get(WaitlistRequest, request_id)
@@ -236,21 +329,31 @@ class SchedulingService:
         await self.session.flush()
         return request
 
-    async def announce_free(self, specialist: User, starts_at: dt.datetime) -> int:
-        """Tell open waitlist requests that match this specialist that a slot has opened."""
+    async def announce_free(self, specialist: User, slot_id: UUID, starts_at: dt.datetime) -> int:
+        """Tell open waitlist requests that match this specialist that a slot has opened: a `notice` live to the
+        patient's and the requester's apps (published after commit), and through the outbox."""
         matching = (await self.session.scalars(select(WaitlistRequest).where(
             WaitlistRequest.status == "open",
             or_(WaitlistRequest.specialist_id == specialist.id,
                 and_(WaitlistRequest.specialist_id.is_(None), WaitlistRequest.specialty.in_(specialist.specialties))),
         ))).all()
         now = utcnow()
+        live: list[tuple[set[UUID], str, dict[str, Any]]] = []
         for request in matching:
             request.notified_at = now
-            outbox.stage(self.session, "notice", request.id,
-                         sorted({str(request.patient_id), str(request.requested_by)}),
-                         {"kind": "waitlist_slot_available", "waitlist_id": str(request.id),
-                          "specialist_id": str(specialist.id), "starts_at": starts_at.isoformat()})
+            people = {request.patient_id, request.requested_by}
+            notice = {"kind": "waitlist_slot_available", "waitlist_id": str(request.id),
+                      "specialist_id": str(specialist.id), "slot_id": str(slot_id), "starts_at": starts_at.isoformat()}
+            outbox.stage(self.session, "notice", request.id, sorted(str(p) for p in people), notice)
+            live.append((people, "notice", notice))
+        await streams.append_many(self.session, streams.staged_for(self.session), live)
         return len(matching)
+
+
+def _acted_for(viewer: Viewer) -> Any:
+    """SQL: the request is for the viewer or one of their dependents."""
+    wards = select(User.id).where(User.guardian_id == viewer.id)
+    return or_(WaitlistRequest.patient_id == viewer.id, WaitlistRequest.patient_id.in_(wards))
 
 
 def _zone(name: str) -> ZoneInfo:

@@ -18,6 +18,12 @@ from tests.harness import free_port
 from tests.integration.conftest import book, service, specialist  # noqa: F401  (shared fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]
+PIDS: dict[str, int] = {}  # base URL -> the server's process id (one worker: uvicorn serves in that process)
+
+
+def log_path(settings: Settings, url: str) -> Path:
+    """Where the server at `url` writes its stdout and stderr."""
+    return Path(settings.data_dir) / f"server-{url.rsplit(':', 1)[1]}.log"
 
 
 def server_env(settings: Settings, port: int, **extra: str) -> dict[str, str]:
@@ -45,6 +51,7 @@ async def servers(settings: Settings, count: int = 1, **extra: str) -> AsyncIter
             procs.append(subprocess.Popen([sys.executable, "-m", "app", "serve"], cwd=ROOT, stdout=log,
                                           stderr=subprocess.STDOUT, env=server_env(settings, port, **extra)))
             urls.append(f"http://127.0.0.1:{port}")
+            PIDS[urls[-1]] = procs[-1].pid
         async with httpx.AsyncClient() as http:
             for url, proc in zip(urls, procs, strict=True):
                 for _ in range(300):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -80,7 +81,13 @@ async def test_patient_and_doctor_talk_live_across_processes(api: list[str], ope
         await nothing_pending(doctor_ws)
         sent = await send(doctor_base, doctor, conversation, "The doctor is ready for you")
         got = await frames_until(patient_ws, lambda f: f["type"] == "message.new")
-        assert got[-1]["data"] == sent  # the event carries the message as REST shaped it
+        # the event carries the message as REST shaped it; its time in UTC (an event has many readers), where
+        # the REST answer speaks the caller's zone: the same instant
+        event, answered = dict(got[-1]["data"]), dict(sent)
+        at, answered_at = event.pop("created_at"), answered.pop("created_at")
+        assert at.endswith("Z")
+        assert dt.datetime.fromisoformat(at) == dt.datetime.fromisoformat(answered_at)
+        assert event == answered
         answer = await send(patient_base, patient, conversation, "Coming!")
         to_doctor = await frames_until(doctor_ws,
                                        lambda f: f["type"] == "message.new" and f["data"]["text"] == "Coming!")

@@ -166,6 +166,7 @@ async def test_specialist_sees_a_row_per_consultation_with_one_shared_history(
 ) -> None:
     doctor = await specialist("doctor", ["gynecology", "endocrinology"])
     gyn, endo = await service("gynecology"), await service("endocrinology")
+    assert (await client.patch("/api/v1/me", headers=patient.headers, json={"sex": "female"})).status_code == 200
     first = await visit_until(patient, doctor, gyn)
     second = await visit_until(patient, doctor, endo, nth=1)
     await send(client, patient, first["conversation_id"], "question one")

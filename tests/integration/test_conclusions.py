@@ -71,7 +71,7 @@ async def test_only_the_own_specialist_writes_once_after_the_start(
     svc = await service()
     registrar, methodist = await staff("registrar"), await staff("methodist")
     await visit_until(patient, other_doctor, svc, until="booked", nth=1)  # in care, still not theirs
-    pending = await visit_until(patient, doctor, svc, until="booked", nth=1)
+    pending = await visit_until(patient, doctor, svc, until="booked", nth=2)  # one place at a time: another hour
     refused(await write(client, doctor, pending, diagnoses=DIAGNOSES), 409, "consultation_not_started")
     visit = await step(client, registrar, pending, "confirm")
     refused(await write(client, doctor, visit, diagnoses=DIAGNOSES), 409, "consultation_not_started")
@@ -106,7 +106,7 @@ async def test_only_the_own_specialist_writes_once_after_the_start(
     assert ready in await live_notices(session_maker, patient.id)  # live too, to the patient's side only
     assert ready not in await live_notices(session_maker, doctor.id)
 
-    done = await visit_until(patient, doctor, svc, until="completed", nth=1)
+    done = await visit_until(patient, doctor, svc, until="completed", nth=2)  # not when the other visit is
     late = await written(client, doctor, done, recommendations="Repeat the ultrasound in three months")
     assert late["diagnoses"] == []  # a conclusion without a diagnosis is allowed, and after completion too
 
@@ -158,7 +158,7 @@ async def test_analysis_orders_round_trip_and_only_their_author_updates_them(
     svc = await service()
     registrar = await staff("registrar")
     await visit_until(patient, other_doctor, svc, until="booked", nth=1)
-    visit = await visit_until(patient, doctor, svc, until="in_progress", nth=1)
+    visit = await visit_until(patient, doctor, svc, until="in_progress", nth=2)
     ready_on = (dt.date.today() + dt.timedelta(days=5)).isoformat()
     orders = [{"name": "HbA1c", "status": "ordered", "expected_ready_on": ready_on},
               {"name": "TSH", "status": "sample_taken", "expected_ready_on": None},
@@ -211,10 +211,10 @@ async def test_conclusion_visibility_follows_medical_secrecy(
 
     medical = await visit_until(patient, author, endo, until="in_progress", nth=1)
     by_doctor = await written(client, author, medical, diagnoses=DIAGNOSES, treatment="Metformin")
-    therapy = await visit_until(patient, psych_author, psy, until="in_progress", nth=1)
+    therapy = await visit_until(patient, psych_author, psy, until="in_progress", nth=2)
     by_psych = await written(client, psych_author, therapy, recommendations="Keep a mood diary")
-    await visit_until(patient, doctor_in_care, endo, until="booked", nth=1)  # a future visit is care
-    await visit_until(patient, psych_in_care, psy, until="booked", nth=1)
+    await visit_until(patient, doctor_in_care, endo, until="confirmed", nth=3)  # a confirmed future visit is care
+    await visit_until(patient, psych_in_care, psy, until="confirmed", nth=4)
 
     def url(visit: dict[str, Any]) -> str:
         return conclusion_url(visit)
@@ -353,8 +353,8 @@ async def test_a_consultation_opens_the_card_through_the_clinicians_mask(
     card_url = f"/api/v1/patients/{patient.id}"
     for who in (doctor, psychologist):
         refused(await client.get(card_url, headers=who.headers), 404)
-    await visit_until(patient, doctor, await service(), until="booked", nth=1)
-    await visit_until(patient, psychologist, await service("psychology"), until="booked", nth=1)
+    await visit_until(patient, doctor, await service(), until="confirmed", nth=1)
+    await visit_until(patient, psychologist, await service("psychology"), until="confirmed", nth=2)
 
     full = await client.get(card_url, headers=doctor.headers)
     assert full.status_code == 200, full.text
@@ -369,7 +369,7 @@ async def test_a_consultation_opens_the_card_through_the_clinicians_mask(
     assert set(shown) == set(card)  # the same shape, hidden fields null
     assert (shown["id"], shown["initials"], shown["age"]) == (str(patient.id), "V.S.", card["age"])
     assert shown["age"] is not None
-    for hidden in ("full_name", "birth_date", "phone", "questionnaire", "guardian_id"):
+    for hidden in ("full_name", "birth_date", "phone", "questionnaire", "sex", "guardian_id"):
         assert shown[hidden] is None, hidden
 
     refused(await client.get(card_url, headers=doctor_outside.headers), 404)

@@ -12,8 +12,9 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.consultations.models import Consultation, Payment
+from app.consultations.models import Consultation
 from app.outbox import OutboxEvent
+from app.payments.models import Payment
 from tests.conftest import Session, refused
 from tests.integration.conftest import free_slots
 
@@ -107,7 +108,8 @@ async def test_first_booking_waits_and_only_the_front_desk_confirms(
         assert seen.status_code == 200, who
         assert seen.json()["status"] == "confirmed"
 
-    second = await visit_until(patient, other_doctor, svc, "booked", nth=1)  # still no completed visit: waits again
+    # still no completed visit: waits again (an hour on: one place at a time)
+    second = await visit_until(patient, other_doctor, svc, "booked", nth=2)
     assert second["status"] == "pending_confirmation"
     by_admin = await act(client, admin, second, "confirm")
     assert by_admin.status_code == 200, by_admin.text
@@ -133,10 +135,11 @@ async def test_a_guardian_books_and_acts_for_a_dependent(
     service: Callable[..., Any], book: Callable[..., Any],
     login: Callable[[str], Any], new_phone: Callable[[], str], visit_until: Callable[..., Any],
 ) -> None:
-    doctor = await specialist("doctor", ["pediatrics"])
+    doctor = await specialist("doctor", ["pediatrics", "endocrinology"])
     svc = await service("pediatrics")
     registrar = await staff("registrar")
-    await visit_until(patient, doctor, svc, "completed", nth=1)  # the guardian's own history is not the child's
+    # the guardian's own history (an adult's visit) is not the child's
+    await visit_until(patient, doctor, await service("endocrinology"), "completed", nth=1)
     child = await add_child(client, patient)
     visit = await visit_until(patient, doctor, svc, "booked", patient_id=child["id"], nth=1)
     assert visit["patient_id"] == child["id"]
@@ -148,7 +151,8 @@ async def test_a_guardian_books_and_acts_for_a_dependent(
 
     confirm = await act(client, registrar, visit, "confirm")
     assert confirm.json()["status"] == "confirmed"
-    paid = await act(client, patient, visit, "pay", **PAYMENT, reference=ref())
+    refused(await act(client, patient, visit, "pay", **PAYMENT, reference=ref()), 403, "not_allowed")  # online
+    paid = await act(client, registrar, visit, "pay", **PAYMENT, reference=ref())
     assert paid.status_code == 200, paid.text
     assert paid.json()["paid"] is True
     listed = (await client.get("/api/v1/consultations", headers=patient.headers)).json()["items"]
@@ -320,7 +324,7 @@ async def test_no_show_only_once_the_slot_has_begun(
     assert marked.json()["status"] == "no_show"
     refused(await act(client, registrar, visit, "no-show"), 409, "transition_not_allowed")
     refused(await act(client, doctor, visit, "start"), 409, "transition_not_allowed")
-    refused(await act(client, patient, visit, "pay", **PAYMENT, reference=ref()), 409, "transition_not_allowed")
+    refused(await act(client, registrar, visit, "pay", **PAYMENT, reference=ref()), 409, "transition_not_allowed")
     assert [(e["change"], e["status"]) for e in await updates(session_maker, visit)] == [
         ("booked", "pending_confirmation"), ("confirm", "confirmed"), ("no_show", "no_show")]
 
@@ -354,19 +358,21 @@ async def test_payment_is_idempotent_by_reference(
     reference = ref()
     for who in (doctor, methodist):
         refused(await act(client, who, visit, "pay", **PAYMENT, reference=reference), 403)
+    refused(await act(client, patient, visit, "pay", **PAYMENT, reference=reference), 403, "not_allowed")
     refused(await act(client, stranger, visit, "pay", **PAYMENT, reference=reference), 404)
     assert await payments(session_maker, visit) == []
 
-    first = await act(client, patient, visit, "pay", **PAYMENT, reference=reference)
+    first = await act(client, registrar, visit, "pay", **PAYMENT, reference=reference)
     assert first.status_code == 200, first.text
     assert first.json()["paid"] is True
     assert first.json()["status"] == "confirmed"
-    second = await act(client, patient, visit, "pay", **PAYMENT, reference=reference)
+    second = await act(client, registrar, visit, "pay", **PAYMENT, reference=reference)
     assert second.status_code == 200, second.text
     assert second.json() == first.json()
     assert await payments(session_maker, visit) == [(reference, "3000.00", "card")]
-    changed = await act(client, patient, visit, "pay", amount="1.00", method="card", reference=reference)
-    refused(changed, 409, "payment_reference_used")  # a replay must be the same payment, not a new amount
+    changed = await act(client, registrar, visit, "pay", amount="3000.00", method="cash", reference=reference)
+    refused(changed, 409, "payment_reference_used")  # a replay must be the same payment, not another one
+    refused(await act(client, registrar, visit, "pay", **PAYMENT, reference=ref()), 409, "already_paid")
     assert await payments(session_maker, visit) == [(reference, "3000.00", "card")]
     assert [e["change"] for e in await updates(session_maker, visit)] == ["booked", "confirm", "paid"]
 
@@ -379,35 +385,36 @@ async def test_payment_is_idempotent_by_reference(
 
     desk_reference = ref()
     for _ in range(2):
-        by_desk = await act(client, registrar, other, "pay", amount="1500.50", method="cash",
-                            reference=desk_reference)
+        by_desk = await act(client, registrar, other, "pay", method="cash", reference=desk_reference)  # the price
         assert by_desk.status_code == 200, by_desk.text
         assert by_desk.json()["paid"] is True
-    assert await payments(session_maker, other) == [(desk_reference, "1500.50", "cash")]
+    assert await payments(session_maker, other) == [(desk_reference, "3000.00", "cash")]
 
 
 async def test_a_payment_amount_must_be_positive_with_kopecks_at_most(
-    client: AsyncTestClient[Any], patient: Session, specialist: Callable[..., Any],
+    client: AsyncTestClient[Any], patient: Session, staff: Callable[..., Any], specialist: Callable[..., Any],
     service: Callable[..., Any], session_maker: Maker, visit_until: Callable[..., Any],
 ) -> None:
     doctor = await specialist()
     svc = await service()
+    registrar = await staff("registrar")
     visit = await visit_until(patient, doctor, svc, nth=1)
     for amount in ("0", "0.00", "1.234", "-100.00", "10000000.01"):
-        answer = await act(client, patient, visit, "pay", amount=amount, method="card", reference=ref())
+        answer = await act(client, registrar, visit, "pay", amount=amount, method="card", reference=ref())
         refused(answer, 422, "amount_invalid")
     for bad in ({"amount": "lots", "method": "card", "reference": ref()},
                 {"amount": "100.00", "method": "barter", "reference": ref()},
                 {"amount": "100.00", "method": "card", "reference": ""},
                 {"amount": "100.00", "method": "card"}):
-        refused(await act(client, patient, visit, "pay", **bad), 422, "invalid_input")
+        refused(await act(client, registrar, visit, "pay", **bad), 422, "invalid_input")
     assert await payments(session_maker, visit) == []
     assert (await client.get(f"/api/v1/consultations/{visit['id']}", headers=patient.headers)).json()[
         "paid"] is False
 
     cancelled = await visit_until(patient, doctor, svc, nth=1)
     assert (await act(client, patient, cancelled, "cancel")).status_code == 200
-    refused(await act(client, patient, cancelled, "pay", **PAYMENT, reference=ref()), 409, "transition_not_allowed")
+    refused(await act(client, registrar, cancelled, "pay", **PAYMENT, reference=ref()), 409,
+            "transition_not_allowed")
     async with session_maker() as db:
         assert await db.scalar(select(func.count()).select_from(Payment).where(
             Payment.consultation_id == UUID(cancelled["id"]))) == 0

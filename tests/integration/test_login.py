@@ -104,7 +104,38 @@ async def test_five_wrong_codes_burn_it(
     assert lefts == [4, 3, 2, 1, 0]
     burned = await client.post("/api/v1/auth/token", json={"phone": phone, "code": code})
     assert burned.status_code == 401
-    assert burned.json()["extra"]["reason"] == "otp_missing"
+    assert burned.json()["extra"]["reason"] == "otp_attempts_exhausted"  # says why, not "no code"
+    assert "request a new code" in burned.json()["detail"]
+
+
+async def test_wrong_codes_lock_the_phone_across_fresh_codes(
+    test_settings: Settings, new_phone: Callable[[], str]
+) -> None:
+    """Five tries per code, ten per phone and hour: a fresh code brings no fresh guesses."""
+    quick = msgspec.structs.replace(test_settings, otp_resend_seconds=0)  # a new code whenever asked
+    phone = new_phone()
+    async with running(quick) as client:
+        async def guess(code: str) -> Any:
+            return await client.post("/api/v1/auth/token", json={"phone": phone, "code": code})
+
+        answers = []
+        for _ in range(2):
+            assert (await client.post("/api/v1/auth/otp", json={"phone": phone})).status_code == 202
+            code = read_code(quick, phone)
+            wrong = f"{(int(code) + 1) % 1_000_000:06d}"
+            answers += [await guess(wrong) for _ in range(5)]
+        assert [a.status_code for a in answers] == [401] * 9 + [429]
+        assert answers[-1].json()["extra"]["reason"] == "otp_locked"
+        right, wrong_again = await guess(code), await guess(wrong)  # the right code of a live code, and not
+        new_code = await client.post("/api/v1/auth/otp", json={"phone": phone})
+    for locked in (right, wrong_again, new_code):
+        assert locked.status_code == 429, locked.text
+        assert locked.json()["extra"]["reason"] == "otp_locked"
+        assert 3500 <= int(locked.headers["retry-after"]) <= 3600
+    # the lock answers a right and a wrong guess alike: it never tells the guesser he has hit it
+    assert {k: v for k, v in right.json().items() if k != "extra"} == \
+        {k: v for k, v in wrong_again.json().items() if k != "extra"}
+    assert set(right.json()["extra"]) == set(wrong_again.json()["extra"]) == {"reason", "retry_after"}
 
 
 async def test_expired_code_is_refused(

@@ -29,9 +29,9 @@ async def test_me_shows_the_account_and_its_dependents(client: AsyncTestClient[A
     me = (await client.get("/api/v1/me", headers=patient.headers)).json()
     assert me["id"] == str(patient.id)
     assert me["roles"] == ["patient"]
-    assert me["dependents"] == [{**CHILD, "id": child["id"]}]
+    assert me["dependents"] == [{**CHILD, "id": child["id"], "sex": None}]
     listed = (await client.get("/api/v1/me/dependents", headers=patient.headers)).json()
-    assert listed == {"items": [{**CHILD, "id": child["id"]}], "next_cursor": None}
+    assert listed == {"items": [{**CHILD, "id": child["id"], "sex": None}], "next_cursor": None}
 
 
 async def test_patch_me_validates_each_field(client: AsyncTestClient[Any], patient: Session) -> None:
@@ -94,9 +94,9 @@ async def test_a_guardian_reads_their_dependent_but_not_someone_elses(
 
 
 @pytest.mark.parametrize(("role", "specialties"), [
-    ("registrar", []), ("admin", []), ("methodist", []),
+    ("registrar", []), ("admin", []),
 ])
-async def test_back_office_roles_read_a_card_through_their_mask(
+async def test_front_desk_roles_read_a_card_through_their_mask(
     client: AsyncTestClient[Any], staff: Callable[..., Any], patient: Session, role: str, specialties: list[str]
 ) -> None:
     await client.patch("/api/v1/me", headers=patient.headers, json={
@@ -112,9 +112,9 @@ async def test_back_office_roles_read_a_card_through_their_mask(
 
 @pytest.mark.parametrize(("role", "specialties"), [
     ("doctor", ["endocrinology"]), ("psychologist", ["psychology"]), ("sonographer", ["ultrasound"]),
-    ("massage_therapist", ["massage"]),
+    ("massage_therapist", ["massage"]), ("methodist", []),
 ])
-async def test_clinicians_see_no_card_without_a_consultation(
+async def test_clinicians_and_methodists_see_no_card_without_a_reason(
     client: AsyncTestClient[Any], staff: Callable[..., Any], patient: Session, role: str, specialties: list[str]
 ) -> None:
     member = await staff(role, specialties)

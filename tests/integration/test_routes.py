@@ -33,8 +33,10 @@ async def test_public_routes_are_only_the_login_steps(client: AsyncTestClient[An
         route.path for route in client.app.routes for handler in handlers_of(route)
         if handler.opt.get("exclude_from_auth") and not route.path.startswith(SERVICE_PREFIXES)
     )
-    # the login steps, and the catalogue a patient or partner browses before signing in
-    assert public == ["/api/v1/auth/otp", "/api/v1/auth/refresh", "/api/v1/auth/token", "/api/v1/services",
+    # the login steps, the catalogue a patient or partner browses before signing in, and the payment
+    # provider's notifications (trusted for nothing: each is checked back with the provider)
+    assert public == ["/api/v1/auth/otp", "/api/v1/auth/refresh", "/api/v1/auth/token",
+                      "/api/v1/payments/yookassa/notifications", "/api/v1/services",
                       "/api/v1/slots/feed", "/api/v1/specialists", "/api/v1/specialties"]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from litestar.testing import AsyncTestClient
 
 from app.settings import Settings
@@ -36,10 +37,11 @@ async def test_ready_names_the_failed_dependency(test_settings: Settings) -> Non
     assert "database" not in body["extra"]["failed"]
 
 
-async def test_metrics_count_requests_by_route_template(client: AsyncTestClient[Any]) -> None:
-    await client.get("/health/live")
-    await client.get(f"/api/v1/patients/{'0' * 8}-0000-0000-0000-000000000000")
-    text = (await client.get("/metrics")).text
+async def test_metrics_count_requests_by_route_template(test_settings: Settings) -> None:
+    async with running(msgspec.structs.replace(test_settings, metrics_token="t" * 32)) as client:
+        await client.get("/health/live")
+        await client.get(f"/api/v1/patients/{'0' * 8}-0000-0000-0000-000000000000")
+        text = (await client.get("/metrics", headers={"Authorization": "Bearer " + "t" * 32})).text
     assert "clinic_requests_total" in text
     assert "clinic_request_duration_seconds_bucket" in text
     assert 'path="/api/v1/patients/{patient_id}"' in text  # grouped, not one series per id
