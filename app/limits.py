@@ -19,6 +19,9 @@ class RateLimiter(Protocol):
     async def peek(self, key: str) -> tuple[int, int]:
         """Without counting: the events in the key's current window and the seconds it has left ((0, 0): none)."""
 
+    async def give_back(self, key: str) -> None:
+        """Uncount one event hit counted (an attempt counted up front that turned out not to spend the budget)."""
+
 
 class InProcessLimiter:
     def __init__(self) -> None:
@@ -46,6 +49,11 @@ class InProcessLimiter:
         left = ends - time.monotonic()
         return (count, max(1, math.ceil(left))) if left > 0 else (0, 0)
 
+    async def give_back(self, key: str) -> None:
+        ends, count = self._windows.get(key, (0.0, 0))
+        if ends > time.monotonic() and count > 0:
+            self._windows[key] = (ends, count - 1)
+
 
 # Each key: count, start its window on the first count, answer 0 or the seconds left. One round trip for
 # any number of keys, and atomic: no window is left without its expiry.
@@ -64,10 +72,20 @@ return waits
 """
 
 
+# a window that has ended stays ended: never recreate the key (it would have no expiry)
+GIVE_BACK_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 and tonumber(redis.call('GET', KEYS[1])) > 0 then
+  redis.call('DECR', KEYS[1])
+end
+return 0
+"""
+
+
 class RedisLimiter:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
         self._script = redis.register_script(HIT_SCRIPT)
+        self._give_back = redis.register_script(GIVE_BACK_SCRIPT)
 
     async def hit(self, key: str, limit: int, window_seconds: int) -> int:
         return (await self.hit_many([key], limit, window_seconds))[0]
@@ -84,3 +102,6 @@ class RedisLimiter:
             pipe.ttl(f"limit:{key}")
             count, ttl = await pipe.execute()
         return (int(count), max(1, int(ttl))) if count is not None and ttl != -2 else (0, 0)
+
+    async def give_back(self, key: str) -> None:
+        await self._give_back(keys=[f"limit:{key}"])

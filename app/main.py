@@ -46,7 +46,7 @@ from app.payments.controllers import PaymentController
 from app.payments.service import RefundWorker, provider_from
 from app.revocation import LocalRevocationBus, RedisRevocationBus, close_sockets
 from app.scheduling.controllers import CatalogueController
-from app.scheduling.service import FeedCache, SchedulingService
+from app.scheduling.service import FeedCache, RulesCache, SchedulingService
 from app.settings import Settings, settings_from_env
 from app.timeparams import set_answer_zone
 
@@ -95,7 +95,8 @@ def create_app(settings: Settings) -> Litestar:
         hub = Hub()
         bus: Bus = RedisBus(redis) if redis is not None else InProcessBus()
         revocations = tokens.revocations  # logouts, deactivations, role changes: heard from every instance
-        revocations.bus = RedisRevocationBus(redis) if redis is not None else LocalRevocationBus()
+        revocations.bus = (RedisRevocationBus(redis, settings.revocation_poll_seconds) if redis is not None
+                           else LocalRevocationBus(settings.revocation_poll_seconds))
         revocations.on_revocation(close_sockets(hub))
         sms = sms_sender(settings)
         payment_provider = provider_from(settings)
@@ -106,6 +107,7 @@ def create_app(settings: Settings) -> Litestar:
             engine=database.engine,
             limiter=RedisLimiter(redis) if redis is not None else InProcessLimiter(),
             slot_feed_cache=FeedCache(settings.slot_feed_cache_seconds, {}),
+            specialty_rules_cache=RulesCache(settings.specialty_rules_cache_seconds),
             hub=hub, bus=bus,
             tickets=RedisTickets(redis, settings.ws_ticket_seconds) if redis is not None
             else InProcessTickets(settings.ws_ticket_seconds),
@@ -125,6 +127,7 @@ def create_app(settings: Settings) -> Litestar:
         listener = asyncio.create_task(bus.run(hub.deliver))
         revocations_known = asyncio.Event()
         hearing = asyncio.create_task(revocations.bus.run(revocations, database, revocations_known))
+        forgetting = asyncio.create_task(revocations.keep_table_small(database))
         try:  # a (re)started instance knows the recent revocations before it serves a token
             await asyncio.wait_for(revocations_known.wait(), settings.redis_timeout_seconds * 2)
         except TimeoutError:
@@ -144,12 +147,12 @@ def create_app(settings: Settings) -> Litestar:
             writers.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writers  # the sends in flight are answered before the database goes
-            horizons.cancel()
-            listener.cancel()
-            hearing.cancel()
-            refunding.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refunding  # a refund in flight is recorded before the database goes
+            background = (horizons, listener, hearing, forgetting, refunding)
+            for task in background:
+                task.cancel()
+            # each ends (a refund in flight is recorded, a session rolls back) before the database goes: a task
+            # left mid-query would wait forever on a connection closed under it
+            await asyncio.gather(*background, return_exceptions=True)
             if payment_provider is not None:
                 await payment_provider.aclose()
             await sms.aclose()

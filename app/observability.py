@@ -10,6 +10,7 @@ import re
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
@@ -22,16 +23,28 @@ _SANE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _STD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 access_log = logging.getLogger("app.access")
 
+
+def _phone(found: re.Match[str]) -> str:
+    """10-15 digits, with or without +, spaces, dashes or parentheses, as people write phones; not a bare run
+    starting with 1 (a Unix time in seconds or milliseconds, a counter). Dots and colons never join digits here,
+    and nothing glued to a letter, a dot, a colon or a dash counts (but "tel:"), so UUIDs, request ids, times and
+    durations stay."""
+    text = found.group()
+    if text[0] == "1" and text.isdigit():
+        return text
+    return "[redacted-phone]"
+
+
 # Secrets and personal data a log line must never carry, wherever they turn up: URLs (uvicorn logs a socket's
 # path with its query), headers, exception texts, JSON bodies in messages.
-_REDACTIONS = [
+_REDACTIONS: list[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]] = [
     (re.compile(r"(?i)\b((?:access_|refresh_)?token|ticket|code|otp|phone|password|secret|signature)=[^&\s\"']+"),
      r"\1=[redacted]"),
     (re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]+"), "Bearer [redacted]"),
     (re.compile(r"\beyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*"), "[redacted]"),  # a JWT anywhere
     (re.compile(r"""(?i)(["'](?:(?:access_|refresh_)?token|ticket|code|phone|full_name|name|text)["']\s*:\s*)"""
                 r"""(["'])(?:\\.|(?!\2).)*\2"""), r"\1\2[redacted]\2"),
-    (re.compile(r"\+\d{10,15}\b"), "[redacted-phone]"),
+    (re.compile(r"(?:\+|(?<=tel:)|(?<![\w.:+-]))\(?\d(?:[ ()-]{0,2}\d){9,14}(?!\w|[.:-]\d)"), _phone),
     # database errors quote the values they were given: SQLAlchemy's "[parameters: ...]", PostgreSQL's
     # "Key (phone)=(...)" and asyncpg's "invalid input for query argument $1: ..."
     (re.compile(r"\[parameters: [^\n]*"), "[parameters: redacted]"),
@@ -46,8 +59,27 @@ def redact(text: str) -> str:
     return text
 
 
+def redact_value(value: Any) -> Any:
+    """An extra as the JSON line will carry it, redacted. Containers are encoded first, so the rules that go by
+    a key ("full_name": ...) see the keys; numbers, booleans and None stay what they are (statuses, durations)."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict | list | tuple | set | frozenset):
+        try:
+            encoded = redact(json.dumps(list(value) if isinstance(value, set | frozenset) else value, default=str))
+        except (TypeError, ValueError):  # keys JSON cannot carry, a cycle: the text the formatter would fall to
+            return redact(str(value))
+        try:
+            return json.loads(encoded)
+        except ValueError:  # a redaction cut through an escape: the redacted text, as text
+            return encoded
+    return redact(str(value))  # what JsonFormatter would write for it (default=str)
+
+
 class RedactingFilter(logging.Filter):
-    """Rewrites every record (message, arguments, string extras) without tokens, tickets, codes or phones."""
+    """Rewrites every record (message, arguments, extras of any shape) without tokens, tickets, codes or phones."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
@@ -56,8 +88,8 @@ class RedactingFilter(logging.Filter):
             message = str(record.msg)
         record.msg, record.args = redact(message), None
         for key, value in record.__dict__.items():
-            if key not in _STD_ATTRS and isinstance(value, str):
-                record.__dict__[key] = redact(value)
+            if key not in _STD_ATTRS:
+                record.__dict__[key] = redact_value(value)
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:

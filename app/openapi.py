@@ -3,11 +3,13 @@
 Clinics often run without internet, so the page loads nothing from outside: its scripts and styles come from
 the swagger-ui-bundle-v2 package, served under /schema/assets. Parameters are explained here, by name, once
 for the whole API (a `limit` means the same everywhere), and filled into the generated document at start-up;
-tests/integration/test_openapi.py fails on a parameter this table does not explain.
+tests/integration/test_operational_surfaces.py fails on a parameter this table does not explain, and start-up
+warns naming it.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from litestar import Litestar, Router
@@ -19,6 +21,7 @@ from swagger_ui_bundle import swagger_ui_path
 
 from app.access import PUBLIC
 
+log = logging.getLogger(__name__)
 SCHEMA_PATH = "/schema"
 ASSETS_PATH = f"{SCHEMA_PATH}/assets"  # under /schema: public, like the page itself
 
@@ -27,8 +30,7 @@ _ID = "0193a0c4-5b7e-7c3d-9f10-2b8e4a6d1c55"
 # name -> (description, example). A route's own description (Parameter(description=...)) wins over this one.
 PARAMETERS: dict[str, tuple[str, Any]] = {
     "limit": ("How many items one page holds at most.", 50),
-    "cursor": ("Where the next page starts: the `next_cursor` of the previous page, as it was given.",
-               "eyJhdCI6IjIwMjYtMTItMDFUMDk6MDA6MDBaIn0"),
+    "cursor": ("Where the next page starts: the `next_cursor` of the previous page, as it was given.", _ID),
     "from": ("Start of the period: a date (YYYY-MM-DD, midnight in the caller's zone) or an ISO 8601 instant; "
              "between the years 2000 and 2099.", "2026-12-01"),
     "to": ("End of the period (exclusive; a date means the end of that day): a date (YYYY-MM-DD) or an ISO 8601 "
@@ -128,5 +130,7 @@ def first_allowed(schema: Schema | Reference | None) -> Any:
 
 def on_startup(app: Litestar) -> None:
     """Build the document once, then explain its parameters (the document is cached: pages serve this one)."""
-    document_parameters(app.openapi_schema)
+    if unknown := document_parameters(app.openapi_schema):
+        log.warning("parameters without a description or example: %s (explain them in app/openapi.py)",
+                    ", ".join(sorted(set(unknown))), extra={"parameters": sorted(set(unknown))})
 

@@ -16,4 +16,5 @@ From = Annotated[str | None, QueryParameter(name="from", max_length=MAX_TEXT)]
 To = Annotated[str | None, QueryParameter(max_length=MAX_TEXT)]
 Zone = Annotated[str | None, QueryParameter(max_length=MAX_TEXT)]
 Cursor = Annotated[str | None, QueryParameter(max_length=200)]  # a time and an id, or an id
-Search = Annotated[str | None, QueryParameter(max_length=100)]
+# search text reaches the database: a NUL is refused there (PostgreSQL text cannot hold it), other controls mean nothing
+Search = Annotated[str | None, QueryParameter(max_length=100, pattern=r"^[^\x00-\x1f\x7f]*$")]

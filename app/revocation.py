@@ -3,8 +3,9 @@
 Two kinds of revocation, both persisted (AccessRevocation) and then broadcast to every process: a per-user
 "valid after" time (tokens of that user issued earlier are refused) and a per-login one (tokens of that
 refresh family are refused). Each process keeps what it heard in memory for an access token's lifetime,
-loaded from the database at start-up and on every re-subscription (a publish lost while a process was away
-is healed there), so checking a token stays free of I/O.
+loaded from the database at start-up, on every re-subscription (a publish lost while a process was away
+is healed there) and every few seconds while there is no subscription (Redis down, or the embedded profile,
+which has no broker), so checking a token stays free of I/O.
 """
 
 from __future__ import annotations
@@ -13,14 +14,13 @@ import asyncio
 import datetime as dt
 import logging
 import time
-import weakref
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any, Literal, Protocol
 from uuid import UUID
 
 import msgspec
 from redis.asyncio import Redis
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from app.accounts.models import AccessRevocation
 from app.db import Database
@@ -28,6 +28,7 @@ from app.db import Database
 log = logging.getLogger("app.revocation")
 CHANNEL = "clinic:revocations"
 CLOSE_REVOKED = 4401  # the close code of a socket whose access was revoked
+FORGET_SECONDS = 600  # how often an instance deletes the revocations older than a token's lifetime
 
 
 class Revocation(msgspec.Struct, frozen=True):
@@ -46,7 +47,7 @@ class Revocations:
         self._listeners: list[Callable[[Revocation], None]] = []
         self._changed = asyncio.Event()
         self._pruned_at = time.time()
-        self.bus: RevocationBus = LocalRevocationBus()
+        self.bus: RevocationBus = LocalRevocationBus()  # the app sets its own (app/main.py)
 
     def allows(self, user_id: UUID, sid: UUID | None, issued_at: float) -> bool:
         after = self._valid_after.get(user_id)
@@ -100,6 +101,31 @@ class Revocations:
             for row in rows:
                 self.apply(Revocation(user_id=row.user_id, sid=row.family_id, at=row.not_before.timestamp()))
 
+    async def forget(self, database: Database) -> None:
+        """Delete the rows every token they could end has outlived (any instance may: deleting twice is fine)."""
+        since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=self.keep_seconds)
+        async with database.writer() as session:
+            await session.execute(delete(AccessRevocation).where(AccessRevocation.not_before < since))
+            await session.commit()
+
+    async def reload_quietly(self, database: Database) -> bool:
+        """load, a database failure logged instead of raised (the next round tries again)."""
+        try:
+            await self.load(database)
+        except Exception:
+            log.warning("loading revocations failed", exc_info=True)
+            return False
+        return True
+
+    async def keep_table_small(self, database: Database) -> None:
+        """At start, then every FORGET_SECONDS: the table holds one token lifetime, not all history."""
+        while True:
+            try:
+                await self.forget(database)
+            except Exception:  # a passing database hiccup must not end the loop
+                log.warning("forgetting old revocations failed", exc_info=True)
+            await asyncio.sleep(FORGET_SECONDS)
+
     def _prune(self, now: float) -> None:
         cutoff = now - self.keep_seconds
         self._valid_after = {u: t for u, t in self._valid_after.items() if t >= cutoff}
@@ -142,27 +168,32 @@ class RevocationBus(Protocol):
     async def run(self, revocations: Revocations, database: Database, ready: asyncio.Event) -> None: ...
 
 
-# the embedded profile: every app in this process shares the one database, so each one hears the others
-_LOCAL: weakref.WeakSet[Revocations] = weakref.WeakSet()
-
-
 class LocalRevocationBus:
+    """The embedded profile: no broker. This process applies its own revocations at once; what other
+    processes on the same database revoked arrives by reloading it every `poll_seconds`."""
+
+    def __init__(self, poll_seconds: float = 2.0) -> None:
+        self.poll_seconds = poll_seconds
+
     async def publish(self, revocation: Revocation) -> None:
-        for revocations in list(_LOCAL):
-            revocations.apply(revocation)
+        return None  # persisted already: the other processes read it at their next reload
 
     async def run(self, revocations: Revocations, database: Database, ready: asyncio.Event) -> None:
-        _LOCAL.add(revocations)
-        await revocations.load(database)
-        ready.set()
-        await asyncio.Event().wait()  # nothing to listen to; lives as long as the app
+        while True:
+            if await revocations.reload_quietly(database):
+                ready.set()
+            await asyncio.sleep(self.poll_seconds)
 
 
 class RedisRevocationBus:
-    """Every process hears every revocation (its own too: applying twice changes nothing)."""
+    """Every process hears every revocation (its own too: applying twice changes nothing). While the
+    subscription is down, the database is reloaded every `poll_seconds`: revocations still arrive within
+    seconds, and an instance started while Redis is away knows the recent ones before it serves a token."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, poll_seconds: float) -> None:
         self.redis = redis
+        self.poll_seconds = poll_seconds
+        self._subscribed = False
 
     async def publish(self, revocation: Revocation) -> None:
         try:
@@ -171,12 +202,26 @@ class RedisRevocationBus:
             log.warning("revocation publish failed", exc_info=True)
 
     async def run(self, revocations: Revocations, database: Database, ready: asyncio.Event) -> None:
+        polling = asyncio.create_task(self._poll_while_away(revocations, database, ready))
+        try:
+            await self._listen(revocations, database, ready)
+        finally:
+            polling.cancel()
+
+    async def _poll_while_away(self, revocations: Revocations, database: Database, ready: asyncio.Event) -> None:
+        while True:  # the first round runs at once: Redis may be down at start
+            if not self._subscribed and await revocations.reload_quietly(database):
+                ready.set()
+            await asyncio.sleep(self.poll_seconds)
+
+    async def _listen(self, revocations: Revocations, database: Database, ready: asyncio.Event) -> None:
         decoder = msgspec.json.Decoder(Revocation)
         while True:
             try:
                 async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(CHANNEL)
                     await revocations.load(database)  # subscribed first, then loaded: no gap between the two
+                    self._subscribed = True
                     ready.set()
                     async for message in pubsub.listen():
                         if message.get("type") == "message":
@@ -188,4 +233,6 @@ class RedisRevocationBus:
                 raise
             except Exception:
                 log.warning("revocation subscription lost; reconnecting", exc_info=True)
-                await asyncio.sleep(0.5)
+            finally:
+                self._subscribed = False
+            await asyncio.sleep(0.5)

@@ -49,6 +49,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     jwt_keys: str = ""
     secret_key: str = ""  # HMAC pepper for OTP codes; empty: generated and kept like jwt_keys
     access_token_seconds: int = 900
+    # without a live revocation broadcast (Redis down, or the embedded profile), how often each instance reloads
+    # the recent revocations from the database: the longest a revoked token still works elsewhere
+    revocation_poll_seconds: float = 2.0
     refresh_token_days: int = 30
     # how long after the last completed consultation a specialist stays in care of the patient (reads the card)
     care_after_days: int = 365
@@ -73,7 +76,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     payment_description: str = "Оплата услуг клиники"  # what the payer's bank shows: nothing personal or medical
     payment_timeout_seconds: float = 10.0  # one call to the provider
     refund_retry_seconds: float = 30.0  # how often refunds due are sent to the provider (and the first backoff)
-    refund_max_attempts: int = 8  # then a refund is marked failed for the front desk to settle
+    # then a refund still not through is logged as a warning for staff; it keeps being retried (a timeout may
+    # hide a refund the provider made), only the provider's refusal hands it to the front desk
+    refund_max_attempts: int = 8
 
     hold_seconds: int = 300  # how long a clicked slot stays held for the one who clicked it
     # per-user counts a clinic never reaches and a script always does (beyond them: 409 with a reason)
@@ -86,6 +91,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     online_prepaid: bool = True  # an online visit starts only once it is paid
     slot_refresh_seconds: float = 3600.0  # how often schedules' slots are extended to their horizon
     slot_feed_cache_seconds: float = 5.0  # the partner feed may be this stale; polling within it costs nothing
+    specialty_rules_cache_seconds: float = 5.0  # the public catalogue's rules, read per call: other instances see
+    # an admin's change within this (the changing instance at once)
 
     chat_sends_per_minute: int = 120  # per user, across their devices
     chat_max_extension_days: int = 90  # how far ahead a specialist may extend a chat

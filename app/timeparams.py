@@ -34,9 +34,11 @@ def zone(name: str) -> ZoneInfo:
         raise Invalid("unknown time zone: give an IANA name such as Europe/Moscow", "timezone_invalid") from exc
 
 
-def in_window(instant: dt.datetime) -> dt.datetime:
-    """The instant in UTC, refused when outside the years 2000 to 2099."""
-    if not EARLIEST <= instant < LATEST:
+def in_window(instant: dt.datetime, written_year: int | None = None) -> dt.datetime:
+    """The instant in UTC, refused when outside the years 2000 to 2099: in UTC, and in the year the caller wrote
+    (2100-01-01 in Moscow is still 2099 in UTC)."""
+    if not EARLIEST <= instant < LATEST or (written_year is not None and not
+                                            EARLIEST.year <= written_year < LATEST.year):
         raise Invalid("times must fall between the years 2000 and 2099", "time_out_of_range")
     return instant.astimezone(dt.UTC)
 
@@ -49,11 +51,11 @@ def parse_instant(value: str, tz: ZoneInfo, end_of_day: bool = False) -> dt.date
         if len(value) == 10:
             day = dt.date.fromisoformat(value)
             midnight = dt.datetime.combine(day + dt.timedelta(days=1 if end_of_day else 0), dt.time(), tzinfo=tz)
-            return in_window(midnight)
+            return in_window(midnight, day.year)  # a `to` of 2099-12-31 ends at midnight in 2100: still fine
         instant = dt.datetime.fromisoformat(value)
         if instant.tzinfo is None:
             instant = instant.replace(tzinfo=tz)
-        return in_window(instant)
+        return in_window(instant, instant.year)
     except OverflowError as exc:  # a day after 9999-12-31, or an offset that moves it past year 1 or 9999
         raise Invalid("times must fall between the years 2000 and 2099", "time_out_of_range") from exc
     except ValueError as exc:
@@ -71,7 +73,7 @@ def parse_aware(value: str) -> dt.datetime:
     if instant.tzinfo is None or instant.utcoffset() is None:
         raise Invalid("a time must carry its offset, e.g. 2026-12-01T10:00:00+03:00", "time_zone_missing")
     try:
-        return in_window(instant)
+        return in_window(instant, instant.year)
     except OverflowError as exc:  # "9999-12-31T23:59:59-14:00" is past the end of datetime in UTC
         raise Invalid("times must fall between the years 2000 and 2099", "time_out_of_range") from exc
 

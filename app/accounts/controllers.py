@@ -155,6 +155,7 @@ class StaffController(Controller):
         return user_out(await accounts.update_staff(request.user, staff_id, data))
 
 
+# not imported from app.consultations.controllers: that module imports this one (parse_cursor), a cycle
 async def provide_consultations(db_session: NamedDependency[AsyncSession], state: State) -> ConsultationService:
     return consultations_for(db_session, state)
 

@@ -26,7 +26,7 @@ from app.accounts.models import AccessRevocation, Device, OtpCode, RefreshToken,
 from app.accounts.phones import normalise_phone
 from app.accounts.schemas import DependentIn, DeviceIn, MePatch, StaffIn, StaffPatch
 from app.accounts.tokens import TokenIssuer, hash_refresh_token, new_refresh_token
-from app.errors import Conflict, Forbidden, Invalid, NotAuthenticated, NotVisible, TooMany
+from app.errors import Conflict, DomainError, Forbidden, Invalid, NotAuthenticated, NotVisible, TooMany
 from app.limits import RateLimiter
 from app.notifications.sms import SmsSender
 from app.revocation import Revocation
@@ -94,9 +94,25 @@ class AccountService:
         phone = normalise_phone(raw_phone, self.settings.default_region)
         if len(code) != self.settings.otp_length or not code.isascii() or not code.isdigit():
             raise Invalid(f"the code is {self.settings.otp_length} digits", "otp_malformed")
-        # checked before the code is: a locked phone refuses every code alike, the right one too, so the answer
-        # never tells a guesser that he has hit it
-        await self._refuse_if_locked(phone)
+        # every guess is counted against the phone's budget before the code is compared, in one atomic step, so
+        # parallel guesses cannot all slip in under the limit; a locked phone refuses every code alike, the right
+        # one too, so the answer never tells a guesser that he has hit it
+        failures = f"otp:fail:{phone}"  # per phone, across its codes: fresh codes bring no fresh guesses
+        budget = self.settings.otp_failures_per_phone_per_hour
+        wait = await self.limiter.hit(failures, budget, 3600)
+        if wait:
+            raise self._locked(wait)
+        wrong = False
+        try:
+            return await self._use_code(phone, code, failures, budget)
+        except DomainError as exc:
+            wrong = exc.extra["reason"] in ("otp_invalid", "otp_locked")
+            raise
+        finally:
+            if not wrong:  # signed in, or no guess at all (no code, an expired one): the budget is given back
+                await self.limiter.give_back(failures)
+
+    async def _use_code(self, phone: str, code: str, failures: str, budget: int) -> Login:
         # counting the try and reading the code is one statement, so parallel guesses cannot exceed the limit
         counted = await self.session.execute(
             update(OtpCode)
@@ -116,10 +132,9 @@ class AccountService:
         if not hmac.compare_digest(row.code_hash, self._code_hash(phone, code)):
             # an exhausted code stays (until a new one replaces it) so that the next try can say so
             await self.session.commit()  # the failed try counts even though we refuse
-            failures = f"otp:fail:{phone}"  # per phone, across its codes: fresh codes bring no fresh guesses
-            wait = await self.limiter.hit(failures, self.settings.otp_failures_per_phone_per_hour - 1, 3600)
-            if wait:
-                raise self._locked(wait)
+            used, left = await self.limiter.peek(failures)
+            if used >= budget:  # that was the last guess of the hour
+                raise self._locked(left)
             raise NotAuthenticated("the code does not match the one sent to this phone", "otp_invalid",
                                    attempts_left=self.settings.otp_max_attempts - row.attempts)
         spent = await self.session.execute(delete(OtpCode).where(OtpCode.id == row.id).returning(OtpCode.id))
@@ -161,8 +176,21 @@ class AccountService:
 
     # --- refresh rotation and logout -----------------------------------------------------------
 
+    async def _lock_user(self, user_id: UUID) -> User | None:
+        """Refresh, logout and staff changes of one user take turns: a refresh never issues roles a concurrent
+        change has just revoked, and an "every login ends" never misses a refresh token being issued. On
+        PostgreSQL a row lock (NO KEY UPDATE: rows referencing the user are not blocked); SQLite has one writer
+        at a time, and each of these writes before it reads what it issues."""
+        return await self.session.scalar(select(User).where(User.id == user_id)
+                                         .with_for_update(key_share=True)
+                                         .execution_options(populate_existing=True))
+
     async def refresh(self, refresh_token: str) -> Login:
         token_hash, now = hash_refresh_token(refresh_token), utcnow()
+        owner = await self.session.scalar(select(RefreshToken.user_id).where(RefreshToken.token_hash == token_hash))
+        if owner is None:
+            raise NotAuthenticated("the refresh token is unknown or expired: sign in again", "refresh_invalid")
+        await self._lock_user(owner)  # before the token row: logout locks in the same order
         spent = await self.session.execute(  # spending is one conditional update: one winner
             update(RefreshToken)
             .where(RefreshToken.token_hash == token_hash, RefreshToken.used_at.is_(None),
@@ -171,8 +199,8 @@ class AccountService:
             .returning(RefreshToken.user_id, RefreshToken.family_id)
         )
         row = spent.one_or_none()
-        if row is not None:
-            user = await self.session.get(User, row.user_id)
+        if row is not None:  # read after the write: on SQLite the write lock is what serialises
+            user = await self.session.get(User, row.user_id, populate_existing=True)
             if user is None:
                 raise NotAuthenticated("the account no longer exists: sign in again", "refresh_invalid")
             if not user.active:
@@ -189,6 +217,7 @@ class AccountService:
         raise NotAuthenticated("the refresh token is unknown or expired: sign in again", "refresh_invalid")
 
     async def logout(self, viewer: Viewer, refresh_token: str | None) -> None:
+        await self._lock_user(viewer.id)  # a refresh in flight commits its new token first, and is revoked here
         if refresh_token is None:  # no token named: end every session of this user
             await self._revoke(RefreshToken.user_id == viewer.id)
             await self._end_access(viewer.id)
@@ -398,7 +427,7 @@ class AccountService:
         """An admin deactivates (or reactivates) a staff account or changes its roles and specialties. The
         account's access tokens end at once on every instance, and its sockets close: its next token carries
         the new roles; a deactivated account gets none (its logins end too)."""
-        user = await self.session.get(User, staff_id)
+        user = await self._lock_user(staff_id)  # a refresh in flight issues either the old roles, or the new
         if user is None or not user.is_staff:
             raise NotVisible("staff member not found", reason="staff_not_found")
         roles = sorted({r.value for r in patch.roles}) if patch.roles is not UNSET else list(user.roles)
@@ -409,7 +438,8 @@ class AccountService:
             raise Invalid("staff accounts take staff roles; a patient role is not given here", "role_invalid")
         if not set(roles) - {Role.PATIENT.value}:
             raise Invalid("a staff account keeps at least one staff role", "role_invalid")
-        check_staff_fit([Role(r) for r in roles], [Specialty(s) for s in specialties])
+        if patch.roles is not UNSET or patch.specialties is not UNSET:  # (de)activating never fails on them
+            check_staff_fit([Role(r) for r in roles], [Specialty(s) for s in specialties])
         if staff_id == viewer.id and (not active or Role.ADMIN.value not in roles):
             # the clinic must never be left without the admin making the change
             raise Conflict("an admin cannot deactivate themself or drop their own admin role", "self_lockout")

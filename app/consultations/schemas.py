@@ -74,7 +74,7 @@ class CancelIn(Wire):
 class PayIn(Wire):
     """A payment taken at the front desk: the service's price, by card, cash or transfer."""
 
-    method: Annotated[str, Meta(max_length=16, pattern=r"^(card|cash|online|transfer)$")]
+    method: Annotated[str, Meta(max_length=16, pattern=r"^(card|cash|transfer)$")]  # online: through the provider
     reference: Annotated[str, Meta(min_length=1, max_length=128)]
     # the service's price (checked, or taken when absent); above 0, at most 10,000,000, at most kopecks
     amount: Decimal | None = None

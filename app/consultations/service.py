@@ -46,13 +46,18 @@ def utcnow() -> dt.datetime:
 CARING = (Status.CONFIRMED, Status.IN_PROGRESS)
 
 
-async def in_care(session: AsyncSession, specialist_id: UUID, patient_id: UUID, care_after_days: int) -> bool:
+def caring(care_after_days: int) -> Any:
+    """SQL: this consultation puts its patient in its specialist's care now."""
     since = utcnow() - dt.timedelta(days=care_after_days)
+    return or_(and_(Consultation.status.in_(CARING), Consultation.ends_at >= since),  # a visit never closed lapses
+               and_(Consultation.status == Status.COMPLETED,
+                    func.coalesce(Consultation.completed_at, Consultation.ends_at) >= since))
+
+
+async def in_care(session: AsyncSession, specialist_id: UUID, patient_id: UUID, care_after_days: int) -> bool:
     return bool(await session.scalar(select(exists().where(
         Consultation.specialist_id == specialist_id, Consultation.patient_id == patient_id,
-        or_(and_(Consultation.status.in_(CARING), Consultation.ends_at >= since),  # a visit never closed lapses too
-            and_(Consultation.status == Status.COMPLETED,
-                 func.coalesce(Consultation.completed_at, Consultation.ends_at) >= since))))))
+        caring(care_after_days)))))
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,12 +94,6 @@ class ConsultationService:
         else:
             patient_id = await self.accounts.acting_patient(viewer, data.patient_id)
         patient = await self.scheduling.one_at_a_time(patient_id)  # this patient's bookings queue up from here
-        live = await self.session.scalar(select(func.count()).select_from(Consultation).where(  # so the count holds
-            Consultation.patient_id == patient_id, Consultation.ends_at > utcnow(),
-            Consultation.status.not_in([s.value for s in ENDED])))
-        if (live or 0) >= self.settings.live_bookings_per_patient:
-            raise Conflict(f"a patient holds at most {self.settings.live_bookings_per_patient} upcoming visits",
-                           "too_many_bookings", limit=self.settings.live_bookings_per_patient)
         slot = await self.scheduling.slot(data.slot_id)
         if slot.consultation_id is not None:  # already gone: answer at once (the claim below still decides)
             raise Conflict("the slot is already taken", "slot_taken")
@@ -115,7 +114,9 @@ class ConsultationService:
         status = Status.PENDING_CONFIRMATION if first_time and not front_desk else Status.CONFIRMED
         consultation_id = uuid7()
         await self.scheduling.claim(slot.id, consultation_id, viewer, data.hold_id)  # 409 for every loser
-        # after the claim: on SQLite its write lock is what orders two bookings of one patient
+        # after the claim: on SQLite its write lock is what orders two bookings of one patient (a refusal
+        # rolls the claim back with the request's transaction)
+        await self._refuse_if_too_many(patient_id)
         await self._refuse_if_busy(patient_id, slot.starts_at, slot.ends_at)
         conversation = await self.chat.conversation_for(patient_id, specialist.id)
         visit = Consultation(
@@ -133,6 +134,15 @@ class ConsultationService:
             await self.chat.open_window(conversation.id, visit.id, visit.ends_at)
         await self._announce(visit, "booked")
         return visit
+
+    async def _refuse_if_too_many(self, patient_id: UUID) -> None:
+        """A fair share of the calendar: at most `live_bookings_per_patient` upcoming visits per patient."""
+        live = await self.session.scalar(select(func.count()).select_from(Consultation).where(
+            Consultation.patient_id == patient_id, Consultation.ends_at > utcnow(),
+            Consultation.status.not_in([s.value for s in ENDED])))
+        if (live or 0) >= self.settings.live_bookings_per_patient:
+            raise Conflict(f"a patient holds at most {self.settings.live_bookings_per_patient} upcoming visits",
+                           "too_many_bookings", limit=self.settings.live_bookings_per_patient)
 
     async def _refuse_if_busy(self, patient_id: UUID, starts_at: dt.datetime, ends_at: dt.datetime) -> None:
         """One person, one place at a time: no two live consultations of a patient overlap."""
@@ -270,9 +280,6 @@ class ConsultationService:
             raise Invalid("an amount is above 0, at most 10,000,000, with at most two decimals", "amount_invalid")
         if amount != price:
             raise Invalid(f"the amount is the service's price, {price:.2f}", "amount_mismatch", price=f"{price:.2f}")
-        if data.method == "online":
-            raise Invalid("an online payment is made through the payment provider, not recorded by hand",
-                          "method_not_desk")
         if await self.payments.desk_replay(visit.id, amount, data.method, data.reference):
             return visit  # the same payment reported again: answer as before
         if visit.status in (Status.CANCELLED, Status.NO_SHOW):
@@ -286,8 +293,7 @@ class ConsultationService:
         visit, party = await self.visible(viewer, consultation_id)
         if not party.for_patient:
             raise NotVisible("consultation not found")
-        if self.payments.provider is None:
-            raise Conflict("online payment is not offered here: pay at the front desk", "online_payment_unavailable")
+        self.payments.online()  # refused before anything else when there is no provider
         if visit.paid:
             raise Conflict("this consultation is already paid", "already_paid")
         if visit.status in (Status.CANCELLED, Status.NO_SHOW):
@@ -323,12 +329,15 @@ class ConsultationService:
         visit = await self.session.get(Consultation, payment.consultation_id)
         assert visit is not None  # a payment's consultation is never deleted
         await self._mark_paid(visit)
-        if visit.status == Status.CANCELLED:  # paid after it was cancelled: owed back at once
-            await self.payments.refund_due(visit.id)
 
     async def _mark_paid(self, visit: Consultation) -> None:
-        visit.paid = True
-        await self.session.flush()
+        """Paid, and owed back at once if the visit is cancelled. The UPDATE waits on the row lock of a cancel
+        under way and answers the status it committed: a cancel that saw the visit unpaid is caught here."""
+        status = await self.session.scalar(update(Consultation).where(Consultation.id == visit.id)
+                                           .values(paid=True, updated_at=utcnow()).returning(Consultation.status))
+        await self.session.refresh(visit)
+        if status == Status.CANCELLED:
+            await self.payments.refund_due(visit.id)
         await self._announce(visit, "paid")
 
     async def _announce(self, visit: Consultation, change: str) -> None:
@@ -451,10 +460,15 @@ class ConsultationService:
     # --- a specialist's patients ---------------------------------------------------------------
 
     async def my_patients(self, viewer: Viewer, tab: str, q: str | None) -> list[PatientRow]:
+        """The patients in the specialist's care (the one rule, `caring`): "actual" those with a visit ahead or
+        paid, the archive those whose visits are over; a patient whose care lapsed is in neither."""
         now = utcnow()
+        cared_for = select(Consultation.patient_id).where(Consultation.specialist_id == viewer.id,
+                                                          caring(self.settings.care_after_days))
         visits = (await self.session.scalars(
             select(Consultation).where(Consultation.specialist_id == viewer.id,
-                                       Consultation.status != Status.CANCELLED)
+                                       Consultation.status != Status.CANCELLED,
+                                       Consultation.patient_id.in_(cared_for))
             .order_by(Consultation.starts_at).limit(20_000))).all()
         by_patient: dict[UUID, list[Consultation]] = {}
         for visit in visits:

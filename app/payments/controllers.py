@@ -14,16 +14,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app import params
 from app.access import PATIENTS, PUBLIC, STAFF_READERS, Viewer, require_roles, signed_in
 from app.accounts.controllers import parse_cursor
+from app.consultations.controllers import provide_consultations
 from app.consultations.service import ConsultationService
 from app.payments.models import Payment, Refund
 from app.payments.schemas import NotificationIn, NotificationOut, PaymentOut, RefundOut
 from app.payments.service import PaymentService
 from app.schemas import Page
-from app.services import consultations_for, payments_for
-
-
-async def provide_consultations(db_session: NamedDependency[AsyncSession], state: State) -> ConsultationService:
-    return consultations_for(db_session, state)
+from app.services import payments_for
 
 
 async def provide_payments(db_session: NamedDependency[AsyncSession], state: State) -> PaymentService:

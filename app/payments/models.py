@@ -14,6 +14,9 @@ from app.db import Base
 
 # payment.status: a desk payment is succeeded at once; an online one is pending until the provider confirms it
 PENDING, SUCCEEDED, CANCELED, DUPLICATE = "pending", "succeeded", "canceled", "duplicate"
+# void: a payment recorded before the rules that the rules reject (by the visit's own patient or guardian, or
+# not for the service's price); it never made a visit paid (the 0004 migration)
+VOID = "void"
 # refund.status: due until given back (by the provider, or by hand at the desk)
 DUE, REFUND_PENDING, REFUNDED, FAILED = "due", "pending", "succeeded", "failed"
 

@@ -16,7 +16,7 @@ from app.schemas import Out
 class PaymentOut(Out):
     id: UUID
     consultation_id: UUID
-    status: str  # pending | succeeded | canceled | duplicate
+    status: str  # pending | succeeded | canceled | duplicate | void
     amount: Decimal
     currency: str
     method: str

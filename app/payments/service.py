@@ -108,10 +108,18 @@ class PaymentService:
 
     # --- online --------------------------------------------------------------------------------
 
-    def _online(self) -> PaymentProvider:
+    def online(self) -> PaymentProvider:
+        """The provider, or the refusal when online payment is not offered."""
         if self.provider is None:
             raise Conflict("online payment is not offered here: pay at the front desk", "online_payment_unavailable")
         return self.provider
+
+    async def _idle(self) -> None:
+        """Ends the request's transaction before a call to the provider (up to PAYMENT_TIMEOUT_SECONDS): a slow
+        provider must not hold pooled connections and row locks. Called only before this request's first write;
+        what the provider answers is recorded in a short transaction after, by compare-and-set."""
+        if self.session.in_transaction():
+            await self.session.commit()
 
     async def pending(self, consultation_id: UUID) -> Payment | None:
         return await self.session.scalar(select(Payment).where(Payment.consultation_id == consultation_id,
@@ -119,10 +127,11 @@ class PaymentService:
 
     async def start_online(self, consultation_id: UUID, amount: Decimal, payer_id: UUID) -> Payment:
         """A new provider payment for the consultation (the caller answers an open one instead)."""
-        provider = self._online()
+        provider = self.online()
         tried = await self.session.scalar(select(func.count()).select_from(Payment).where(
             Payment.consultation_id == consultation_id, Payment.provider.is_not(None))) or 0
         attempt_id = uuid.uuid5(ATTEMPTS, f"{consultation_id}:{tried}")
+        await self._idle()
         try:
             got = await provider.create_payment(str(attempt_id), amount, CURRENCY, self.settings.payment_description,
                                                 {"consultation_id": str(consultation_id)},
@@ -165,6 +174,7 @@ class PaymentService:
         if payment.status != PENDING or self.provider is None or payment.provider != self.provider.name:
             return False
         assert payment.provider_payment_id is not None  # every online payment has one
+        await self._idle()
         try:
             got = await self.provider.get_payment(payment.provider_payment_id)
         except ProviderError as exc:  # the provider repeats its notification later
@@ -231,17 +241,63 @@ class PaymentService:
         return list((await self.session.scalars(query)).all())
 
     async def refunded_at_desk(self, refund_id: UUID, by: UUID) -> Refund:
-        """The front desk gave the money back by hand (a desk payment, or one the provider would not return)."""
+        """The front desk gave the money back by hand (a desk payment, or one the provider would not return).
+
+        A provider's refund is settled by hand only once the provider, asked again with the same key, still
+        has none: a refund whose answer was lost must not be paid back a second time."""
         refund = await self.session.get(Refund, refund_id)
         if refund is None:
             raise NotVisible("refund not found")
         if refund.status == REFUNDED:
             return refund
-        if refund.provider is not None and refund.status != FAILED:
-            raise Conflict("this refund goes back through the payment provider", "refund_by_provider")
-        refund.status, refund.resolved_by, refund.resolved_at = REFUNDED, by, utcnow()
-        await self.session.flush()
+        if refund.provider is not None:
+            if refund.status != FAILED:
+                raise Conflict("this refund goes back through the payment provider", "refund_by_provider")
+            await self._refund_at_provider(refund)
+        changed = await self.session.execute(
+            update(Refund).where(Refund.id == refund.id, Refund.status == refund.status)
+            .values(status=REFUNDED, resolved_by=by, resolved_at=utcnow(), updated_at=utcnow()).returning(Refund.id))
+        if changed.one_or_none() is None:
+            raise Conflict("this refund changed meanwhile; look at it again", "refund_changed")
+        await self.session.refresh(refund)
         return refund
+
+    async def _refund_at_provider(self, refund: Refund) -> None:
+        """Refuses (409) a refund the provider has made or is making; returns when it definitely has none."""
+        if self.provider is None or refund.provider != self.provider.name:
+            raise Unavailable("the payment provider of this refund is not configured", "payment_provider_unavailable")
+        payment_id = await self.session.scalar(select(Payment.provider_payment_id)
+                                               .where(Payment.id == refund.payment_id))
+        assert payment_id is not None  # every online payment has one
+        status, known_id = refund.status, refund.provider_refund_id
+        await self._idle()
+        unsure = Unavailable("the payment provider is not answering: try again before giving the money back",
+                             "payment_provider_unavailable")
+        try:  # a refund the provider gave an id exists there: any error asking about it leaves us unsure
+            got = await self.provider.get_refund(known_id) if known_id else None
+        except ProviderError as exc:
+            raise unsure from exc
+        try:
+            if got is None or got.status == "canceled":  # the same key answers the refund made, if any
+                got = await self.provider.create_refund(str(refund.id), payment_id, refund.amount, refund.currency)
+        except ProviderError as exc:
+            if not exc.retryable:
+                return  # refused again: none was made
+            raise unsure from exc
+        if got.status == "canceled":
+            return
+        done = got.status == "succeeded"
+        await self.session.execute(
+            update(Refund).where(Refund.id == refund.id, Refund.status == status)
+            .values(status=REFUNDED if done else REFUND_PENDING, provider_refund_id=got.id, last_error=None,
+                    resolved_at=utcnow() if done else None, next_attempt_at=None if done else utcnow(),
+                    updated_at=utcnow()))
+        await self.session.commit()  # kept, though the answer is a refusal
+        if done:
+            raise Conflict("the payment provider has given this money back: do not pay it by hand",
+                           "refunded_by_provider")
+        raise Conflict("the payment provider is giving this money back: do not pay it by hand",
+                       "refund_by_provider")
 
     async def refund_notified(self, provider_refund_id: str) -> bool:
         """A provider says a refund moved on: ask it, and record what it says."""
@@ -251,6 +307,8 @@ class PaymentService:
                                                                 Refund.provider_refund_id == provider_refund_id))
         if refund is None or refund.status not in (DUE, REFUND_PENDING):
             return False
+        known = refund.status
+        await self._idle()
         try:
             got = await self.provider.get_refund(provider_refund_id)
         except ProviderError as exc:
@@ -260,9 +318,10 @@ class PaymentService:
         status = {"succeeded": REFUNDED, "canceled": FAILED}.get(got.status)
         if status is None:
             return False
-        refund.status, refund.resolved_at = status, utcnow()
-        await self.session.flush()
-        return True
+        changed = await self.session.execute(
+            update(Refund).where(Refund.id == refund.id, Refund.status == known)
+            .values(status=status, resolved_at=utcnow(), updated_at=utcnow()).returning(Refund.id))
+        return changed.one_or_none() is not None
 
 
 class RefundWorker:
@@ -320,27 +379,39 @@ class RefundWorker:
                                                         refund.currency)
         except ProviderError as exc:
             attempts = refund.attempts + 1
-            give_up = not exc.retryable or attempts >= self.settings.refund_max_attempts
+            # only a refusal to make it is final: a timeout or a 5xx may hide a refund the provider made (the
+            # answer lost), and one it gave an id exists; both are asked again (with the same key) until answered,
+            # never left to the desk to pay twice
+            final = not exc.retryable and not refund.provider_refund_id
             values = {"attempts": attempts, "last_error": str(exc)[:300],
-                      "status": FAILED if give_up else refund.status,
-                      "next_attempt_at": None if give_up else utcnow() + self._backoff(attempts)}
-            if give_up:
-                log.warning("a refund failed: the front desk settles it", extra={"refund_id": str(refund.id)})
+                      "status": FAILED if final else refund.status,
+                      "next_attempt_at": None if final else utcnow() + self._backoff(attempts)}
+            if final:
+                log.warning("the provider refused a refund: the front desk settles it",
+                            extra={"refund_id": str(refund.id)})
+            elif attempts >= self.settings.refund_max_attempts:
+                log.warning("a refund is still not through the provider", extra={"refund_id": str(refund.id),
+                                                                                 "attempts": attempts})
         else:
-            if got is None:
-                values = {"status": FAILED, "last_error": "the provider does not know this refund"}
-            elif got.status == "succeeded":
-                values = {"status": REFUNDED, "provider_refund_id": got.id, "resolved_at": utcnow()}
-            elif got.status == "canceled":
-                values = {"status": FAILED, "provider_refund_id": got.id, "last_error": "the provider cancelled it"}
-            else:  # pending: ask again later
-                values = {"status": REFUND_PENDING, "provider_refund_id": got.id, "attempts": refund.attempts + 1,
-                          "next_attempt_at": utcnow() + self._backoff(refund.attempts + 1)}
+            values = self._outcome(refund, got)
         async with self.database.writer() as session:
             await session.execute(update(Refund).where(Refund.id == refund.id, Refund.status == refund.status)
                                   .values(**values, updated_at=utcnow()))
             await session.commit()
-        return int(values["status"] in (REFUNDED, FAILED))
+        return int(values.get("status") in (REFUNDED, FAILED))
+
+    def _outcome(self, refund: Refund, got: ProviderRefund | None) -> dict[str, object]:
+        attempts = refund.attempts + 1
+        if got is None:  # not known under its id (yet): asked again, never taken as refused
+            return {"attempts": attempts, "last_error": "the provider does not know this refund",
+                    "provider_refund_id": None, "next_attempt_at": utcnow() + self._backoff(attempts)}
+        if got.status == "succeeded":
+            return {"status": REFUNDED, "provider_refund_id": got.id, "resolved_at": utcnow()}
+        if got.status == "canceled":
+            return {"status": FAILED, "provider_refund_id": got.id, "last_error": "the provider cancelled it"}
+        # pending: ask again later
+        return {"status": REFUND_PENDING, "provider_refund_id": got.id, "attempts": attempts,
+                "next_attempt_at": utcnow() + self._backoff(attempts)}
 
     def _backoff(self, attempts: int) -> dt.timedelta:
         return min(dt.timedelta(seconds=self.settings.refund_retry_seconds * 2 ** min(attempts, 20)), MAX_BACKOFF)

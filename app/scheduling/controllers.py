@@ -32,7 +32,7 @@ from app.scheduling.schemas import (
     WaitlistResolveIn,
     WorkingHours,
 )
-from app.scheduling.service import FeedCache, SchedulingService
+from app.scheduling.service import FeedCache, RulesCache, SchedulingService
 from app.schemas import Page
 from app.services import accounts_for, scheduling_for
 from app.specialties import TITLES, Specialty
@@ -58,6 +58,11 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
 def specialty_out(code: Specialty, rule: SpecialtyRule | None) -> SpecialtyOut:
     rules = RulesOut(min_age=rule.min_age, max_age=rule.max_age, sex=rule.sex) if rule else RulesOut(None, None, None)
     return SpecialtyOut(code=code.value, title=TITLES[code], rules=rules)
+
+
+async def forget_rules(request: Request[Any, Any, Any]) -> None:
+    """After the answer (so after the commit): a catalogue read racing the change may have cached the old rules."""
+    request.app.state.specialty_rules_cache.clear()
 
 
 def service_out(s: ClinicService) -> ServiceOut:
@@ -88,15 +93,24 @@ class CatalogueController(Controller):
     dependencies = DEPENDENCIES  # resolved only for the handlers that name them
 
     @get("/specialties", opt=PUBLIC)
-    async def list_specialties(self, scheduling: NamedDependency[SchedulingService]) -> Page[SpecialtyOut]:
-        rules = await scheduling.specialty_rules()
-        return Page(items=[specialty_out(s, rules.get(s.value)) for s in Specialty])
+    async def list_specialties(self, state: State,
+                               scheduling: NamedDependency[SchedulingService]) -> Page[SpecialtyOut]:
+        """Public and polled: a cache hit touches no database."""
+        cache: RulesCache = state.specialty_rules_cache
+        page: Page[SpecialtyOut] | None = cache.get()
+        if page is None:
+            rules = await scheduling.specialty_rules()
+            page = Page(items=[specialty_out(s, rules.get(s.value)) for s in Specialty])
+            cache.put(page)
+        return page
 
-    @put("/specialties/{code:str}/rules", guards=[require_roles(*ADMINS)])
-    async def set_specialty_rules(self, scheduling: NamedDependency[SchedulingService], code: FromPath[Specialty],
-                                  data: JSONBody[RulesIn]) -> SpecialtyOut:
+    @put("/specialties/{code:str}/rules", guards=[require_roles(*ADMINS)], after_response=forget_rules)
+    async def set_specialty_rules(self, state: State, scheduling: NamedDependency[SchedulingService],
+                                  code: FromPath[Specialty], data: JSONBody[RulesIn]) -> SpecialtyOut:
         """Whom a direction serves (age in whole years on the visit's day, sex); checked at every booking."""
-        return specialty_out(code, await scheduling.set_specialty_rules(code, data))
+        rule = await scheduling.set_specialty_rules(code, data)
+        state.specialty_rules_cache.clear()  # and again once committed (forget_rules): no stale refill between
+        return specialty_out(code, rule)
 
     @get("/services", opt=PUBLIC)
     async def list_services(self, scheduling: NamedDependency[SchedulingService],
@@ -172,20 +186,23 @@ class CatalogueController(Controller):
 
     @get("/waitlist", guards=[require_roles(*PATIENTS, *BOOKERS_FOR_OTHERS)])
     async def list_waitlist(self, request: Request[Viewer, Any, Any], scheduling: NamedDependency[SchedulingService],
+                            accounts: NamedDependency[AccountService],
                             status: FromQuery[Literal["open", "resolved", "withdrawn"] | None] = "open",
                             limit: FromQuery[Limit] = 50,
                             cursor: params.Cursor = None) -> Page[WaitlistOut]:
         """The front desk sees every request; a patient their own and their dependents'."""
-        rows = await scheduling.waitlist(request.user, status, limit, parse_cursor(cursor))
+        rows = await scheduling.waitlist(request.user, await accounts.patients_acted_for(request.user), status,
+                                         limit, parse_cursor(cursor))
         return Page(items=[waitlist_out(w) for w in rows[:limit]],
                     next_cursor=str(rows[limit - 1].id) if len(rows) > limit else None)
 
     @delete("/waitlist/{request_id:uuid}", status_code=204, guards=[require_roles(*PATIENTS)])
     async def withdraw_from_waitlist(self, request: Request[Viewer, Any, Any],
                                      scheduling: NamedDependency[SchedulingService],
-                                     request_id: FromPath[UUID]) -> None:
+                                     accounts: NamedDependency[AccountService], request_id: FromPath[UUID]) -> None:
         """The patient withdraws their own (or a dependent's) request; it stays listed as withdrawn."""
-        await scheduling.withdraw_from_waitlist(request_id, request.user)
+        await scheduling.withdraw_from_waitlist(request_id, request.user,
+                                                await accounts.patients_acted_for(request.user))
 
     @post("/waitlist/{request_id:uuid}/resolve", status_code=200, guards=[require_roles(*BOOKERS_FOR_OTHERS)])
     async def resolve_waitlist(self, request: Request[Viewer, Any, Any],

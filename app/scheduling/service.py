@@ -59,6 +59,24 @@ class FeedCache:
         return etag
 
 
+@dataclass
+class RulesCache:
+    """The directions' rules, kept a few seconds: the public catalogue reads them on every call, admins rarely
+    change them. A change clears this process's copy; other instances catch up within `seconds`."""
+
+    seconds: float
+    value: tuple[float, Any] | None = None
+
+    def get(self) -> Any | None:
+        return self.value[1] if self.value and self.value[0] > time.monotonic() else None
+
+    def put(self, value: Any) -> None:
+        self.value = (time.monotonic() + self.seconds, value)
+
+    def clear(self) -> None:
+        self.value = None
+
+
 class SchedulingService:
     def __init__(self, session: AsyncSession, settings: Settings) -> None:
         self.session = session
@@ -294,22 +312,22 @@ class SchedulingService:
         await self.session.flush()
         return request
 
-    async def waitlist(self, viewer: Viewer, status: str | None, limit: int,
+    async def waitlist(self, viewer: Viewer, acted_for: list[UUID], status: str | None, limit: int,
                        cursor: UUID | None) -> list[WaitlistRequest]:
-        """The front desk sees every request; a patient their own and their dependents'."""
+        """The front desk sees every request; a patient those of `acted_for` (themselves and their dependents)."""
         query = select(WaitlistRequest).order_by(WaitlistRequest.id).limit(limit + 1)
         if not viewer.has_any(access.BOOKERS_FOR_OTHERS):
-            query = query.where(_acted_for(viewer))
+            query = query.where(WaitlistRequest.patient_id.in_(acted_for))
         if status:
             query = query.where(WaitlistRequest.status == status)
         if cursor:
             query = query.where(WaitlistRequest.id > cursor)
         return list((await self.session.scalars(query)).all())
 
-    async def withdraw_from_waitlist(self, request_id: UUID, viewer: Viewer) -> None:
-        """The patient takes back their own (or a dependent's) request; again is no change."""
-        request = await self.session.scalar(select(WaitlistRequest).where(WaitlistRequest.id == request_id,
-                                                                          _acted_for(viewer)))
+    async def withdraw_from_waitlist(self, request_id: UUID, viewer: Viewer, acted_for: list[UUID]) -> None:
+        """The patient takes back their own (or a dependent's: `acted_for`) request; again is no change."""
+        request = await self.session.scalar(select(WaitlistRequest).where(
+            WaitlistRequest.id == request_id, WaitlistRequest.patient_id.in_(acted_for)))
         if request is None:
             raise NotVisible("waitlist request not found")
         if request.status == "withdrawn":
@@ -331,29 +349,26 @@ class SchedulingService:
 
     async def announce_free(self, specialist: User, slot_id: UUID, starts_at: dt.datetime) -> int:
         """Tell open waitlist requests that match this specialist that a slot has opened: a `notice` live to the
-        patient's and the requester's apps (published after commit), and through the outbox."""
-        matching = (await self.session.scalars(select(WaitlistRequest).where(
-            WaitlistRequest.status == "open",
-            or_(WaitlistRequest.specialist_id == specialist.id,
-                and_(WaitlistRequest.specialist_id.is_(None), WaitlistRequest.specialty.in_(specialist.specialties))),
-        ))).all()
+        patient's, their guardian's (a dependent has no app of their own) and the requester's apps (published
+        after commit), and through the outbox."""
+        matching = (await self.session.execute(
+            select(WaitlistRequest, User.guardian_id).join(User, User.id == WaitlistRequest.patient_id).where(
+                WaitlistRequest.status == "open",
+                or_(WaitlistRequest.specialist_id == specialist.id,
+                    and_(WaitlistRequest.specialist_id.is_(None),
+                         WaitlistRequest.specialty.in_(specialist.specialties))),
+            ))).all()
         now = utcnow()
         live: list[tuple[set[UUID], str, dict[str, Any]]] = []
-        for request in matching:
+        for request, guardian_id in matching:
             request.notified_at = now
-            people = {request.patient_id, request.requested_by}
+            people = {request.patient_id, request.requested_by, *([guardian_id] if guardian_id else [])}
             notice = {"kind": "waitlist_slot_available", "waitlist_id": str(request.id),
                       "specialist_id": str(specialist.id), "slot_id": str(slot_id), "starts_at": starts_at.isoformat()}
             outbox.stage(self.session, "notice", request.id, sorted(str(p) for p in people), notice)
             live.append((people, "notice", notice))
         await streams.append_many(self.session, streams.staged_for(self.session), live)
         return len(matching)
-
-
-def _acted_for(viewer: Viewer) -> Any:
-    """SQL: the request is for the viewer or one of their dependents."""
-    wards = select(User.id).where(User.guardian_id == viewer.id)
-    return or_(WaitlistRequest.patient_id == viewer.id, WaitlistRequest.patient_id.in_(wards))
 
 
 def _zone(name: str) -> ZoneInfo:

@@ -1,7 +1,9 @@
 """Payments through a provider: payment attempts, refunds due.
 
 The desk's payment rows gain a status and the provider's id; one successful payment per consultation
-becomes the database's rule (earlier extra payments of one visit are kept, marked duplicate).
+becomes the database's rule (earlier extra payments of one visit are kept, marked duplicate; payments the
+rules refuse, recorded by the visit's patient or guardian or not for the service's price, are marked void and
+no longer make a visit paid).
 
 Revision ID: 0004
 Revises: 0003
@@ -30,11 +32,24 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('provider_payment_id', sa.String(length=64), nullable=True))
         batch_op.add_column(sa.Column('confirmation_url', sa.String(length=2000), nullable=True))
         batch_op.create_unique_constraint(batch_op.f('uq_payment_provider_payment_id'), ['provider_payment_id'])
-    # a visit paid more than once before the rule: the first payment stands, the others are marked
+    # a payment the rules refuse counts for nothing: recorded by the visit's own patient (or their guardian),
+    # or not for the service's price
     op.execute(
-        "UPDATE payment SET status = 'duplicate' WHERE EXISTS (SELECT 1 FROM payment AS earlier "
-        "WHERE earlier.consultation_id = payment.consultation_id AND (earlier.created_at < payment.created_at "
+        "UPDATE payment SET status = 'void' WHERE EXISTS (SELECT 1 FROM consultation "
+        "JOIN clinic_service ON clinic_service.id = consultation.service_id "
+        "JOIN user_account AS patient ON patient.id = consultation.patient_id "
+        "WHERE consultation.id = payment.consultation_id AND (payment.recorded_by = consultation.patient_id "
+        "OR payment.recorded_by = patient.guardian_id OR payment.amount <> clinic_service.price))")
+    # a visit paid more than once before the rule: the first valid payment stands, the others are marked
+    op.execute(
+        "UPDATE payment SET status = 'duplicate' WHERE status = 'succeeded' AND EXISTS (SELECT 1 FROM payment "
+        "AS earlier WHERE earlier.status = 'succeeded' AND earlier.consultation_id = payment.consultation_id "
+        "AND (earlier.created_at < payment.created_at "
         "OR (earlier.created_at = payment.created_at AND earlier.reference < payment.reference)))")
+    # a visit is paid exactly when a valid payment stands for it
+    paid = ("EXISTS (SELECT 1 FROM payment WHERE payment.consultation_id = consultation.id "
+            "AND payment.status = 'succeeded')")
+    op.execute(f"UPDATE consultation SET paid = {paid} WHERE paid <> {paid}")
     with op.batch_alter_table('payment', schema=None) as batch_op:
         batch_op.create_index('uq_payment_succeeded', ['consultation_id'], unique=True,
                               postgresql_where=SUCCEEDED, sqlite_where=SUCCEEDED)

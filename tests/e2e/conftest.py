@@ -12,8 +12,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 
 from app.settings import Settings
+from tests.conftest import PROFILE
 from tests.harness import free_port
 from tests.integration.conftest import book, service, specialist  # noqa: F401  (shared fixtures)
 
@@ -74,3 +76,11 @@ async def servers(settings: Settings, count: int = 1, **extra: str) -> AsyncIter
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@pytest.fixture(scope="session")
+async def api(test_settings: Settings) -> AsyncIterator[list[str]]:
+    """The servers every e2e test without settings of its own shares (each start costs seconds): two
+    processes sharing PostgreSQL and Redis in the real profile, so events cross processes; one embedded."""
+    async with servers(test_settings, 2 if PROFILE == "real" else 1) as urls:
+        yield urls

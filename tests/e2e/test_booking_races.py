@@ -5,26 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
-import pytest
 from litestar.testing import AsyncTestClient
 
 from app.settings import Settings
 from tests.conftest import Session
-from tests.e2e.conftest import servers
 from tests.integration.conftest import free_slots
 
 RACERS = 16
-
-
-@pytest.fixture(scope="module")
-async def api(test_settings: Settings) -> AsyncIterator[list[str]]:
-    """One real server process: its requests run truly in parallel, each on its own database connection."""
-    async with servers(test_settings) as urls:
-        yield urls
 
 
 async def race(api: list[str], who: Session, requests: list[tuple[str, dict[str, Any] | None]]) -> list[Any]:

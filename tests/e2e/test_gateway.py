@@ -6,7 +6,7 @@ import asyncio
 import datetime as dt
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -16,17 +16,10 @@ from litestar.testing import AsyncTestClient
 from websockets.asyncio.client import ClientConnection
 
 from app.settings import Settings
-from tests.conftest import PROFILE, Session
+from tests.conftest import Session
 from tests.e2e.conftest import servers
 
 WAIT = 10.0  # seconds an expected frame may take before the test fails
-
-
-@pytest.fixture(scope="module")
-async def api(test_settings: Settings) -> AsyncIterator[list[str]]:
-    """Two processes sharing PostgreSQL and Redis in the real profile; one on the embedded one."""
-    async with servers(test_settings, 2 if PROFILE == "real" else 1) as urls:
-        yield urls
 
 
 def ws_url(base: str, who: Session) -> str:

@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 from uuid import uuid4
 
 import httpx
-import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
 from app.accounts.models import User
 from app.revocation import CLOSE_REVOKED
-from app.settings import Settings
-from tests.conftest import PROFILE, Session
-from tests.e2e.conftest import servers
+from tests.conftest import Session
 from tests.e2e.test_gateway import WAIT, nothing_pending, ws_url
-
-
-@pytest.fixture(scope="module")
-async def api(test_settings: Settings) -> AsyncIterator[list[str]]:
-    """Two processes sharing PostgreSQL and Redis in the real profile; one on the embedded one."""
-    async with servers(test_settings, 2 if PROFILE == "real" else 1) as urls:
-        yield urls
 
 
 async def closed_with(socket: ClientConnection) -> int | None:

@@ -10,21 +10,20 @@ from typing import Any
 import httpx
 import websockets
 
-from app.settings import Settings
 from tests.conftest import Session
-from tests.e2e.conftest import servers
 
 WAIT = 10.0  # seconds an expected frame may take before the test fails
 
 
 async def test_a_cancelled_slot_reaches_the_waiting_patients_socket(
-    test_settings: Settings, specialist: Callable[..., Any], service: Callable[..., Any], patient: Session,
+    api: list[str], specialist: Callable[..., Any], service: Callable[..., Any], patient: Session,
     login: Callable[[str], Any], new_phone: Callable[[], str], book: Callable[..., Any],
 ) -> None:
     doctor, visit_type = await specialist("doctor", ["urology"]), await service("urology")
     waiting: Session = await login(new_phone())
     visit = (await book(patient, doctor, visit_type, nth=1)).json()
-    async with servers(test_settings) as (base,), httpx.AsyncClient(base_url=base) as http:
+    base = api[0]
+    async with httpx.AsyncClient(base_url=base) as http:
         request = (await http.post("/api/v1/waitlist", headers=waiting.headers, json={
             "specialty": "urology", "specialist_id": str(doctor.id)})).json()
         url = base.replace("http://", "ws://") + f"/api/v1/ws?token={waiting.access}"

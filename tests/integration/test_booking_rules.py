@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 from litestar.testing import AsyncTestClient
+from sqlalchemy import event
 
 from app.settings import Settings
 from tests.conftest import Session, refused, running
@@ -273,3 +274,35 @@ async def test_a_patient_holds_at_most_two_slots_and_a_hold_again_is_the_same_ho
     registrar = await staff("registrar")  # the front desk holds for many callers at once
     for slot in slots[4:9]:
         assert (await hold(registrar, slot)).status_code == 201
+
+
+async def test_the_catalogue_reads_the_rules_once_per_window_and_a_change_at_once(
+    client: AsyncTestClient[Any], admin: Session,
+) -> None:
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    def ent() -> Any:
+        return next(s["rules"] for s in listed.json()["items"] if s["code"] == "ent")
+
+    engine = client.app.state.engine.sync_engine
+    listed = await client.get("/api/v1/specialties")
+    assert listed.status_code == 200, listed.text
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        listed = await client.get("/api/v1/specialties")
+        assert listed.status_code == 200, listed.text
+        assert not [s for s in statements if "specialty_rule" in s]  # the public catalogue, from memory
+        url = "/api/v1/specialties/ent/rules"
+        try:
+            assert (await client.put(url, headers=admin.headers, json={"max_age": 90})).status_code == 200
+            listed = await client.get("/api/v1/specialties")
+            assert ent() == {"min_age": None, "max_age": 90, "sex": None}  # this instance forgot the old rules
+        finally:
+            assert (await client.put(url, headers=admin.headers, json={})).status_code == 200
+        listed = await client.get("/api/v1/specialties")
+        assert ent() == {"min_age": None, "max_age": None, "sex": None}
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)

@@ -75,3 +75,40 @@ async def test_methodists_read_no_card_by_id(
 ) -> None:
     methodist = await staff("methodist")
     refused(await client.get(f"/api/v1/patients/{patient.id}", headers=methodist.headers), 404)
+
+
+async def test_my_patients_are_the_patients_in_care(
+    client: AsyncTestClient[Any], patient: Session, specialist: Callable[..., Any], service: Callable[..., Any],
+    staff: Callable[..., Any], book: Callable[..., Any], session_maker: async_sessionmaker[AsyncSession],
+    test_settings: Settings,
+) -> None:
+    doctor, endo = await specialist(), await service()
+
+    async def listed(tab: str) -> list[str]:
+        answer = await client.get("/api/v1/my-patients", headers=doctor.headers, params={"tab": tab})
+        assert answer.status_code == 200, answer.text
+        return [r["patient"]["id"] for r in answer.json()["items"]]
+
+    asked = await book(patient, doctor, endo, nth=2)
+    assert asked.status_code == 201, asked.text
+    visit = asked.json()
+    assert visit["status"] == "pending_confirmation"
+    assert await listed("actual") == []  # a request is no care
+    assert await listed("archive") == []
+
+    registrar = await staff("registrar")
+    confirmed = await client.post(f"/api/v1/consultations/{visit['id']}/confirm", headers=registrar.headers)
+    assert confirmed.status_code == 200, confirmed.text
+    assert await listed("actual") == [str(patient.id)]
+
+    now = dt.datetime.now(dt.UTC)
+    days = dt.timedelta(days=test_settings.care_after_days)
+    await set_visit(session_maker, visit, status="completed", completed_at=now - days + dt.timedelta(days=1))
+    assert await listed("archive") == [str(patient.id)]  # visits over, still in care
+    assert await listed("actual") == []
+    await set_visit(session_maker, visit, completed_at=now - days - dt.timedelta(days=1))
+    assert await listed("actual") == []  # care lapsed: listed nowhere
+    assert await listed("archive") == []
+    await set_visit(session_maker, visit, status="no_show", completed_at=None)
+    assert await listed("actual") == []
+    assert await listed("archive") == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +15,11 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.accounts.models import OtpCode, User
+from app.accounts.service import AccountService
+from app.accounts.tokens import TokenIssuer
+from app.errors import DomainError
+from app.limits import InProcessLimiter, RateLimiter, RedisLimiter
+from app.notifications.sms import LogSms
 from app.settings import Settings
 from tests.conftest import read_code, running
 
@@ -136,6 +142,59 @@ async def test_wrong_codes_lock_the_phone_across_fresh_codes(
     assert {k: v for k, v in right.json().items() if k != "extra"} == \
         {k: v for k, v in wrong_again.json().items() if k != "extra"}
     assert set(right.json()["extra"]) == set(wrong_again.json()["extra"]) == {"reason", "retry_after"}
+
+
+async def test_parallel_guesses_at_the_last_try_of_the_hour_get_one_guess_between_them(
+    test_settings: Settings, new_phone: Callable[[], str], session_maker: async_sessionmaker[AsyncSession]
+) -> None:
+    """Each guess is counted before it is compared: a burst at the ninth failure cannot all slip under the lock.
+    The services are called directly: the test client serialises requests, and this needs them in parallel
+    (on the real profile the limiter is Redis, as in production)."""
+    quick = msgspec.structs.replace(test_settings, otp_resend_seconds=0)
+    redis = Redis.from_url(quick.redis_url) if quick.redis_url else None
+    limiter: RateLimiter = RedisLimiter(redis) if redis is not None else InProcessLimiter()
+    issuer, sms, phone = TokenIssuer(quick), LogSms(quick.resolved_sms_log_path), new_phone()
+
+    async def attempt(code: str | None = None) -> str:
+        async with session_maker() as session:
+            accounts = AccountService(session, quick, issuer, limiter, sms)
+            try:
+                if code is None:
+                    await accounts.request_code(phone, "192.0.2.1")
+                else:
+                    await accounts.login(phone, code)
+                await session.commit()
+            except DomainError as refusal:
+                return str(refusal.extra["reason"])
+            return "ok"
+
+    try:
+        for tries in (5, 4):  # nine failures: one guess of the hour is left
+            assert await attempt() == "ok"
+            wrong = f"{(int(read_code(quick, phone)) + 1) % 1_000_000:06d}"
+            assert [await attempt(wrong) for _ in range(tries)] == ["otp_invalid"] * tries
+        assert await attempt() == "ok"
+        code = read_code(quick, phone)
+        burst = await asyncio.gather(*(attempt(f"{(int(code) + k) % 1_000_000:06d}") for k in (1, 2, 3, 4)))
+        assert burst == ["otp_locked"] * 4
+        async with session_maker() as session:  # exactly one of them was compared with the code
+            assert await session.scalar(select(OtpCode.attempts).where(OtpCode.phone == phone)) == 1
+        assert await attempt(code) == "otp_locked"  # the right code too, now
+    finally:
+        if redis is not None:
+            await redis.aclose()
+
+
+async def test_right_codes_do_not_spend_the_phone_s_guesses(
+    test_settings: Settings, new_phone: Callable[[], str]
+) -> None:
+    quick = msgspec.structs.replace(test_settings, otp_resend_seconds=0)
+    phone = new_phone()
+    async with running(quick) as client:
+        for _ in range(12):  # more sign-ins than the hour's budget of wrong guesses
+            assert (await client.post("/api/v1/auth/otp", json={"phone": phone})).status_code == 202
+            answer = await client.post("/api/v1/auth/token", json={"phone": phone, "code": read_code(quick, phone)})
+            assert answer.status_code == 200, answer.text
 
 
 async def test_expired_code_is_refused(

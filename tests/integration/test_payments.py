@@ -14,21 +14,27 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import msgspec
 import pytest
+import sqlalchemy as sa
+from advanced_alchemy.types import GUID, DateTimeUTC
 from litestar.testing import AsyncTestClient
-from sqlalchemy import select, update
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy import select, text, update
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
+from app.consultations.models import Consultation
+from app.migrate import upgrade
 from app.outbox import OutboxEvent
 from app.payments.models import Payment, Refund
 from app.payments.provider import ProviderError
 from app.payments.yookassa import YooKassa
 from app.settings import Settings
-from tests.conftest import Session, refused, running
+from tests.conftest import POSTGRES, Session, fresh_database_url, refused, running
 
 Maker = async_sessionmaker[AsyncSession]
 SHOP, SECRET = "123456", "test_secret-key"
@@ -46,6 +52,9 @@ class YooKassaStandIn:
         self.refunds: dict[str, dict[str, Any]] = {}
         self.refund_posts: list[tuple[str, dict[str, Any]]] = []  # (key, body) of every refund call
         self.fail_refunds = 0  # answer 500 to this many refund calls first
+        self.lose_refunds = 0  # make this many refunds but answer 500, as if the answer were lost on the way
+        self.hold: threading.Event | None = None  # while set here and not yet set itself, GETs wait on it
+        self.held = threading.Event()  # a GET is waiting on `hold`
         self.by_key: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}
         self.lock = threading.Lock()
         stand_in = self
@@ -69,6 +78,9 @@ class YooKassaStandIn:
             def do_GET(self) -> None:
                 if not self.authorised():
                     return
+                if (hold := stand_in.hold) is not None:
+                    stand_in.held.set()
+                    hold.wait(30)
                 kind, _, ident = self.path.removeprefix("/v3/").partition("/")
                 store = {"payments": stand_in.payments, "refunds": stand_in.refunds}.get(kind, {})
                 with stand_in.lock:
@@ -89,6 +101,12 @@ class YooKassaStandIn:
                 with stand_in.lock:
                     if self.path == "/v3/refunds":
                         stand_in.refund_posts.append((key, body))
+                    if self.path == "/v3/refunds" and stand_in.lose_refunds > 0:  # made (or met), answer lost
+                        stand_in.lose_refunds -= 1
+                        if (self.path, key) not in stand_in.by_key:
+                            stand_in.by_key[(self.path, key)] = stand_in.new_refund(body)
+                        self.answer(504, {"type": "error", "code": "gateway_timeout"})
+                        return
                     if (self.path, key) in stand_in.by_key:
                         self.answer(*stand_in.by_key[(self.path, key)])
                         return
@@ -220,7 +238,7 @@ async def test_a_patient_cannot_record_a_payment_the_desk_takes_the_price_once(
     refused(wrong, 422, "amount_mismatch")
     assert wrong.json()["extra"]["price"] == "3500.00"
     refused(await client.post(url, headers=registrar.headers, json={"method": "online", "reference": ref()}),
-            422, "method_not_desk")
+            422, "invalid_input")  # online is paid through the provider, never recorded by hand
     assert not await is_paid(client, patient, visit)
 
     reference = ref()
@@ -470,3 +488,252 @@ async def test_the_adapter_speaks_yookassas_api_with_its_credentials_and_idempot
         assert refusal.value.retryable is False
     finally:
         await wrong.aclose()
+
+
+# --- refunds never paid twice; races; the provider outside transactions ---------------------------
+
+
+async def paid_online(online: AsyncTestClient[Any], yookassa: YooKassaStandIn, patient: Session,
+                      visit: dict[str, Any]) -> str:
+    """The visit paid online, as the provider confirms it; answers the provider's payment id."""
+    started = await online.post(f"/api/v1/consultations/{visit['id']}/payments", headers=patient.headers)
+    assert started.status_code == 201, started.text
+    provider_id = next(p for p, b in yookassa.payments.items() if b["metadata"]["consultation_id"] == visit["id"])
+    yookassa.succeed(provider_id)
+    assert (await online.post(NOTIFY, json=notification(provider_id))).json() == {"outcome": "processed"}
+    return provider_id
+
+
+async def due_now(session_maker: Maker, refund: Refund) -> None:
+    """Lets the refund's backoff pass."""
+    async with session_maker() as db:
+        await db.execute(update(Refund).where(Refund.id == refund.id).values(next_attempt_at=dt.datetime.now(dt.UTC)))
+        await db.commit()
+
+
+async def test_a_refund_whose_answer_was_lost_is_asked_again_never_left_to_the_desk(
+    online: AsyncTestClient[Any], yookassa: YooKassaStandIn, patient: Session, staff: Callable[..., Any],
+    specialist: Callable[..., Any], service: Callable[..., Any], visit_until: Callable[..., Any],
+    session_maker: Maker, test_settings: Settings,
+) -> None:
+    registrar = await staff("registrar")
+    visit = await visit_until(patient, await specialist(), await service(price="2100.00"), nth=1)
+    provider_id = await paid_online(online, yookassa, patient, visit)
+    # the provider makes the refund, but every answer is lost, more times than the attempts once allowed
+    yookassa.lose_refunds = test_settings.refund_max_attempts + 1
+    cancelled = await online.post(f"/api/v1/consultations/{visit['id']}/cancel", headers=patient.headers)
+    assert cancelled.status_code == 200, cancelled.text
+    for _ in range(test_settings.refund_max_attempts + 1):
+        [refund] = await refunds_of(session_maker, visit)
+        await due_now(session_maker, refund)
+        await drain(online)
+    [refund] = await refunds_of(session_maker, visit)
+    assert refund.status == "due"  # still asked; the provider may well have made it
+    assert refund.attempts == test_settings.refund_max_attempts + 1
+    refused(await online.post(f"/api/v1/refunds/{refund.id}/done", headers=registrar.headers),
+            409, "refund_by_provider")
+
+    await due_now(session_maker, refund)
+    assert await drain(online) == 1  # the same key meets the refund made: succeeded
+    [refund] = await refunds_of(session_maker, visit)
+    assert refund.status == "succeeded"
+    assert {key for key, b in yookassa.refund_posts if b["payment_id"] == provider_id} == {str(refund.id)}
+    assert sum(r["payment_id"] == provider_id for r in yookassa.refunds.values()) == 1
+
+
+async def test_the_desk_settles_a_failed_provider_refund_only_once_the_provider_has_none(
+    online: AsyncTestClient[Any], yookassa: YooKassaStandIn, patient: Session, staff: Callable[..., Any],
+    specialist: Callable[..., Any], service: Callable[..., Any], visit_until: Callable[..., Any],
+    session_maker: Maker,
+) -> None:
+    registrar = await staff("registrar")
+    made, refused_there = [await visit_until(patient, await specialist(), await service(price="900.00"), nth=n)
+                           for n in (1, 2)]
+    made_id = await paid_online(online, yookassa, patient, made)
+    refused_id = await paid_online(online, yookassa, patient, refused_there)
+    yookassa.set(refused_id, status="canceled")  # the provider will refuse to give this one back
+    yookassa.lose_refunds = 1  # made at the provider, the answer lost
+    for visit in (made, refused_there):
+        cancelled = await online.post(f"/api/v1/consultations/{visit['id']}/cancel", headers=patient.headers)
+        assert cancelled.status_code == 200, cancelled.text
+    [lost] = await refunds_of(session_maker, made)
+    [no] = await refunds_of(session_maker, refused_there)
+    await drain(online)
+    [no] = await refunds_of(session_maker, refused_there)
+    assert no.status == "failed"  # a refusal is final
+    async with session_maker() as db:  # marked failed as an earlier version did after its attempts
+        await db.execute(update(Refund).where(Refund.id == lost.id).values(status="failed", next_attempt_at=None))
+        await db.commit()
+
+    answer = await online.post(f"/api/v1/refunds/{lost.id}/done", headers=registrar.headers)
+    refused(answer, 409, "refunded_by_provider")
+    [lost] = await refunds_of(session_maker, made)
+    assert (lost.status, lost.resolved_by) == ("succeeded", None)  # by the provider, not by hand
+    assert sum(r["payment_id"] == made_id for r in yookassa.refunds.values()) == 1
+
+    done = await online.post(f"/api/v1/refunds/{no.id}/done", headers=registrar.headers)
+    assert done.status_code == 200, done.text
+    [no] = await refunds_of(session_maker, refused_there)
+    assert (no.status, no.resolved_by) == ("succeeded", registrar.id)
+    assert not any(r["payment_id"] == refused_id for r in yookassa.refunds.values())
+
+
+def notify_aside(client: AsyncTestClient[Any], provider_id: str) -> asyncio.Future[Any]:
+    """The notification sent from another thread: the test client's calls block the loop they are made on."""
+    return asyncio.ensure_future(asyncio.to_thread(
+        lambda: asyncio.run(client.post(NOTIFY, json=notification(provider_id)))))
+
+
+async def wait_blocked(session_maker: Maker, statement: str) -> None:
+    """PostgreSQL: until a backend waits on a row lock running `statement...` (SQLite has one writer)."""
+    if not POSTGRES:
+        return
+    for _ in range(1000):
+        async with session_maker() as db:
+            if await db.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                    "AND wait_event_type = 'Lock' AND query ILIKE :q"), {"q": f"{statement}%"}):
+                return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"nothing waited on {statement!r}")
+
+
+async def test_a_payment_confirmed_while_the_visit_is_being_cancelled_is_owed_back(
+    online: AsyncTestClient[Any], yookassa: YooKassaStandIn, patient: Session, specialist: Callable[..., Any],
+    service: Callable[..., Any], visit_until: Callable[..., Any], session_maker: Maker,
+) -> None:
+    visit = await visit_until(patient, await specialist(), await service(price="1300.00"), nth=1)
+    started = await online.post(f"/api/v1/consultations/{visit['id']}/payments", headers=patient.headers)
+    assert started.status_code == 201, started.text
+    provider_id = next(p for p, b in yookassa.payments.items() if b["metadata"]["consultation_id"] == visit["id"])
+    yookassa.succeed(provider_id)
+    async with session_maker() as cancel:  # a cancel under way: it has seen the visit unpaid, not committed yet
+        await cancel.execute(update(Consultation).where(Consultation.id == UUID(visit["id"]))
+                             .values(status="cancelled"))
+        notified = notify_aside(online, provider_id)
+        await wait_blocked(session_maker, "UPDATE consultation")
+        await cancel.commit()
+    assert (await notified).json() == {"outcome": "processed"}
+    [refund] = await refunds_of(session_maker, visit)  # the refund task may have sent it already
+    assert refund.status in ("due", "pending", "succeeded"), refund.status
+    assert (refund.amount, refund.provider) == (Decimal("1300.00"), "yookassa")
+
+
+async def test_no_connection_is_held_in_a_transaction_while_the_provider_answers_a_notification(
+    online: AsyncTestClient[Any], yookassa: YooKassaStandIn, patient: Session, specialist: Callable[..., Any],
+    service: Callable[..., Any], visit_until: Callable[..., Any], session_maker: Maker,
+) -> None:
+    visit = await visit_until(patient, await specialist(), await service(price="1400.00"), nth=1)
+    started = await online.post(f"/api/v1/consultations/{visit['id']}/payments", headers=patient.headers)
+    assert started.status_code == 201, started.text
+    provider_id = next(p for p, b in yookassa.payments.items() if b["metadata"]["consultation_id"] == visit["id"])
+    yookassa.succeed(provider_id)
+    yookassa.held.clear()
+    yookassa.hold = threading.Event()
+    try:
+        notified = notify_aside(online, provider_id)
+        assert await asyncio.to_thread(yookassa.held.wait, 10)
+        async with session_maker() as db:  # the provider is slow: what the request holds meanwhile
+            if POSTGRES:
+                idle = await db.scalar(text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND state LIKE 'idle in transaction%' AND query ILIKE '%FROM payment%'"))
+                assert idle == 0
+            # nor does it keep a change to the visit waiting
+            await db.execute(update(Consultation).where(Consultation.id == UUID(visit["id"]))
+                             .values(updated_at=dt.datetime.now(dt.UTC)))
+            await db.commit()
+    finally:
+        yookassa.hold.set()
+        yookassa.hold = None
+    assert (await notified).json() == {"outcome": "processed"}
+    assert await is_paid(online, patient, visit)
+
+
+# --- the 0004 migration -----------------------------------------------------------------------------
+
+
+async def test_the_payments_migration_voids_payments_the_rules_refuse(tmp_path: Path) -> None:
+    url = await fresh_database_url(tmp_path, f"payments_{secrets.token_hex(4)}")
+    await asyncio.to_thread(upgrade, url, "0003")
+    meta = sa.MetaData()
+    json_ = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+    def stamps() -> list[sa.Column[Any]]:
+        return [sa.Column("created_at", DateTimeUTC(timezone=True)),
+                sa.Column("updated_at", DateTimeUTC(timezone=True))]
+
+    users = sa.Table("user_account", meta, sa.Column("id", GUID), sa.Column("full_name", sa.String),
+                     sa.Column("timezone", sa.String), sa.Column("roles", json_), sa.Column("specialties", json_),
+                     sa.Column("is_staff", sa.Boolean), sa.Column("questionnaire", json_),
+                     sa.Column("guardian_id", GUID), *stamps())
+    services = sa.Table("clinic_service", meta, sa.Column("id", GUID), sa.Column("specialty", sa.String),
+                        sa.Column("title", sa.String), sa.Column("duration_minutes", sa.Integer),
+                        sa.Column("price", sa.Numeric(10, 2)), sa.Column("in_person_only", sa.Boolean),
+                        sa.Column("stage", sa.String), sa.Column("active", sa.Boolean), *stamps())
+    slots = sa.Table("slot", meta, sa.Column("id", GUID), sa.Column("specialist_id", GUID),
+                     sa.Column("starts_at", DateTimeUTC(timezone=True)),
+                     sa.Column("ends_at", DateTimeUTC(timezone=True)), *stamps())
+    visits = sa.Table("consultation", meta, sa.Column("id", GUID), sa.Column("patient_id", GUID),
+                      sa.Column("specialist_id", GUID), sa.Column("service_id", GUID), sa.Column("slot_id", GUID),
+                      sa.Column("specialty", sa.String), sa.Column("starts_at", DateTimeUTC(timezone=True)),
+                      sa.Column("ends_at", DateTimeUTC(timezone=True)), sa.Column("format", sa.String),
+                      sa.Column("status", sa.String), sa.Column("paid", sa.Boolean), sa.Column("booked_by", GUID),
+                      *stamps())
+    payments = sa.Table("payment", meta, sa.Column("id", GUID), sa.Column("consultation_id", GUID),
+                        sa.Column("amount", sa.Numeric(10, 2)), sa.Column("method", sa.String),
+                        sa.Column("reference", sa.String), sa.Column("recorded_by", GUID),
+                        sa.Column("status", sa.String), *stamps())  # status: from 0004 on
+    now = dt.datetime(2026, 11, 30, 9, 0, tzinfo=dt.UTC)
+    ids = {name: uuid.uuid4() for name in ("guardian", "patient", "child", "doctor", "desk", "service")}
+
+    def person(name: str, guardian: UUID | None = None) -> dict[str, Any]:
+        return {"id": ids[name], "full_name": name, "timezone": "Europe/Moscow", "roles": [], "specialties": [],
+                "is_staff": name in ("doctor", "desk"), "questionnaire": {}, "guardian_id": guardian,
+                "created_at": now, "updated_at": now}
+
+    # each visit: who it is for and its desk-recorded payments in order (recorded by, amount)
+    cases: dict[str, tuple[str, list[tuple[str, str]]]] = {
+        "by_patient": ("patient", [("patient", "1000.00")]),
+        "by_guardian": ("child", [("guardian", "1000.00")]),
+        "wrong_then_right": ("patient", [("desk", "1.00"), ("desk", "1000.00")]),
+        "forged_then_right": ("patient", [("patient", "1000.00"), ("desk", "1000.00")]),
+        "twice": ("patient", [("desk", "1000.00"), ("desk", "1000.00")]),
+    }
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(users.insert(), [person("guardian"), person("patient"), person("doctor"),
+                                                person("desk")])
+            await conn.execute(users.insert(), [person("child", ids["guardian"])])
+            await conn.execute(services.insert(), [{
+                "id": ids["service"], "specialty": "therapist", "title": "visit", "duration_minutes": 30,
+                "price": Decimal("1000.00"), "in_person_only": False, "stage": "primary", "active": True,
+                "created_at": now, "updated_at": now}])
+            for n, (case, (whose, paid_by)) in enumerate(cases.items()):
+                ids[case], slot = uuid.uuid4(), uuid.uuid4()
+                starts = now + dt.timedelta(hours=n + 1)
+                await conn.execute(slots.insert(), [{"id": slot, "specialist_id": ids["doctor"], "starts_at": starts,
+                                                     "ends_at": starts + dt.timedelta(minutes=30),
+                                                     "created_at": now, "updated_at": now}])
+                await conn.execute(visits.insert(), [{
+                    "id": ids[case], "patient_id": ids[whose], "specialist_id": ids["doctor"],
+                    "service_id": ids["service"], "slot_id": slot, "specialty": "therapist", "starts_at": starts,
+                    "ends_at": starts + dt.timedelta(minutes=30), "format": "in_person", "status": "confirmed",
+                    "paid": True, "booked_by": ids[whose], "created_at": now, "updated_at": now}])
+                await conn.execute(payments.insert(), [{
+                    "id": uuid.uuid4(), "consultation_id": ids[case], "amount": Decimal(amount), "method": "cash",
+                    "reference": f"{case}-{i}", "recorded_by": ids[by], "created_at": now + dt.timedelta(minutes=i),
+                    "updated_at": now} for i, (by, amount) in enumerate(paid_by)])
+        await asyncio.to_thread(upgrade, url)
+        async with engine.connect() as conn:
+            found = {case: (list((await conn.scalars(select(payments.c.status).where(
+                payments.c.consultation_id == ids[case]).order_by(payments.c.created_at))).all()),
+                await conn.scalar(select(visits.c.paid).where(visits.c.id == ids[case]))) for case in cases}
+    finally:
+        await engine.dispose()
+    assert found == {
+        "by_patient": (["void"], False),
+        "by_guardian": (["void"], False),
+        "wrong_then_right": (["void", "succeeded"], True),
+        "forged_then_right": (["void", "succeeded"], True),
+        "twice": (["succeeded", "duplicate"], True),
+    }

@@ -26,6 +26,7 @@ async def test_ready_names_the_failed_dependency(test_settings: Settings) -> Non
         **{f: getattr(test_settings, f) for f in test_settings.__struct_fields__},
         "s3_endpoint_url": "http://127.0.0.1:9",  # nothing listens on the discard port
         "redis_url": "redis://127.0.0.1:9/0" if PROFILE == "real" else None,
+        "redis_timeout_seconds": 0.5,  # start-up waits for Redis a while before it serves without it
     })
     async with running(broken) as client:
         ready = await client.get("/health/ready")

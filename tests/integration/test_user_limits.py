@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from uuid import UUID
 
 import msgspec
 import pytest
@@ -14,6 +15,8 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy import select
 
 from app.accounts.models import Device
+from app.consultations.models import Consultation
+from app.scheduling.models import Slot
 from app.settings import Settings
 from tests.conftest import Session, refused, running
 from tests.integration.conftest import free_slots
@@ -87,3 +90,23 @@ async def test_open_waitlist_requests_per_patient(limited: AsyncTestClient[Any],
         assert answer.status_code == 201, answer.text
     refused(await limited.post("/api/v1/waitlist", headers=patient.headers, json={"specialty": "massage"}),
             409, "too_many_waitlist_requests")
+
+
+async def test_a_booking_refused_over_the_limit_leaves_its_slot_free(
+    limited: AsyncTestClient[Any], client: AsyncTestClient[Any], patient: Session, specialist: Callable[..., Any],
+    service: Callable[..., Any], session_maker: Any,
+) -> None:
+    """The limit is counted after the slot is claimed (parallel bookings: tests/e2e/test_booking_limit_race.py);
+    the refusal takes the claim back with it."""
+    doctor, visit_type = await specialist(days=3), await service()
+    slots = (await free_slots(client, patient, doctor.id))[2:3 + LIMIT]
+    answers = [await limited.post("/api/v1/consultations", headers=patient.headers, json={
+        "slot_id": s["id"], "service_id": visit_type["id"], "format": "in_person"}) for s in slots]
+    assert [a.status_code for a in answers] == [201] * LIMIT + [409]
+    refused(answers[-1], 409, "too_many_bookings")
+    assert slots[-1]["id"] in {s["id"] for s in await free_slots(client, patient, doctor.id)}
+    async with session_maker() as session:
+        held = await session.scalar(select(Slot.consultation_id).where(Slot.id == UUID(slots[-1]["id"])))
+        visits = (await session.scalars(select(Consultation.id).where(Consultation.patient_id == patient.id))).all()
+    assert held is None
+    assert len(visits) == LIMIT

@@ -5,11 +5,13 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 from typing import Any
+from uuid import UUID
 
 from litestar.testing import AsyncTestClient
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.chat import streams
+from app.scheduling.models import WaitlistRequest
 from tests.conftest import Session, refused
 
 
@@ -92,3 +94,28 @@ async def test_an_opening_reaches_the_patient_and_the_requester_live(
                         "starts_at": notices[0]["starts_at"]}]
     assert dt.datetime.fromisoformat(notices[0]["starts_at"]) == dt.datetime.fromisoformat(visit["starts_at"])
     assert others == []  # a withdrawn request hears nothing
+
+
+async def test_a_dependents_opening_reaches_their_guardian_when_the_front_desk_asked(
+    client: AsyncTestClient[Any], specialist: Callable[..., Any], service: Callable[..., Any], patient: Session,
+    login: Callable[[str], Any], new_phone: Callable[[], str], book: Callable[..., Any], staff: Callable[..., Any],
+    session_maker: async_sessionmaker[AsyncSession],
+) -> None:
+    doctor, visit_type = await specialist("doctor", ["urology"]), await service("urology")
+    guardian, registrar = await login(new_phone()), await staff("registrar")
+    child = (await client.post("/api/v1/me/dependents", headers=guardian.headers, json={
+        "full_name": "Kid Called In", "birth_date": "2018-04-04", "relation": "child",
+        "legal_basis": "birth certificate"})).json()
+    async with session_maker() as session:  # a request the front desk took by phone for the child
+        request = WaitlistRequest(patient_id=UUID(child["id"]), requested_by=registrar.id, specialty="urology",
+                                  specialist_id=doctor.id, note="")
+        session.add(request)
+        await session.commit()
+        before = await streams.last_seq(session, guardian.id)
+    visit = (await book(patient, doctor, visit_type, nth=1)).json()
+    assert (await client.post(f"/api/v1/consultations/{visit['id']}/cancel", headers=patient.headers,
+                              json={"reason": "feeling better"})).status_code == 200
+    async with session_maker() as session:
+        notices = [e.data for e in await streams.after(session, guardian.id, before) if e.type == "notice"]
+    assert [(n["kind"], n["waitlist_id"], n["slot_id"]) for n in notices] == [
+        ("waitlist_slot_available", str(request.id), visit["slot_id"])]
