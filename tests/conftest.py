@@ -78,6 +78,7 @@ def test_settings(data_dir: Path, database_url: str) -> Settings:
         jwt_keys=f"t1={secrets.token_urlsafe(40)}",
         secret_key=secrets.token_urlsafe(40),
         otp_per_ip_per_hour=1_000_000,  # every test client shares one address; the limit has its own test
+        revocation_poll_seconds=0.25,  # a second embedded instance hears revocations from the database this soon
         start_early_minutes=7 * 24 * 60,  # tests start visits booked ahead; the start window has its own test
         log_requests=False,
         log_level="WARNING",

@@ -371,6 +371,15 @@ class AccountService:
             raise NotVisible("no dependent of that name under this phone", reason="dependent_not_found")
         return match.id
 
+    async def fill_card(self, patient: User, birth_date: dt.date | None, sex: str | None) -> None:
+        """Record a birth date or sex the card lacks (told at booking); what the card already says stays."""
+        if birth_date is not None and patient.birth_date is None:
+            check_birth_date(birth_date)
+            patient.birth_date = birth_date
+        if sex is not None and patient.sex is None:
+            patient.sex = sex
+        await self.session.flush()
+
     async def briefs(self, viewer: Viewer, patient_ids: list[UUID]) -> dict[UUID, dict[str, Any]]:
         """Masked short cards (name, initials, age) of several patients in one query: calendars and lists."""
         if not patient_ids:

@@ -11,6 +11,7 @@ from uuid import UUID
 import msgspec
 from msgspec import Meta
 
+from app.accounts.schemas import Sex
 from app.schemas import Out, Wire
 
 Icd10 = Annotated[str, Meta(min_length=1, max_length=16, examples=["E11.9"])]  # the format: the service
@@ -41,6 +42,10 @@ class BookIn(Wire):
     patient_phone: Annotated[str, Meta(max_length=40)] | None = None
     patient_name: Annotated[str, Meta(max_length=200)] | None = None
     dependent_name: Annotated[str, Meta(max_length=200)] | None = None
+    # what the call centre learns on the phone, recorded on a card that lacks it (never overwriting the card):
+    # directions with age or sex rules need it before the patient has opened the app
+    patient_birth_date: dt.date | None = None
+    patient_sex: Sex | None = None
 
 
 class PatientBrief(Out):

@@ -94,6 +94,8 @@ class ConsultationService:
         else:
             patient_id = await self.accounts.acting_patient(viewer, data.patient_id)
         patient = await self.scheduling.one_at_a_time(patient_id)  # this patient's bookings queue up from here
+        await self.accounts.fill_card(patient, data.patient_birth_date,
+                                     data.patient_sex.value if data.patient_sex else None)
         slot = await self.scheduling.slot(data.slot_id)
         if slot.consultation_id is not None:  # already gone: answer at once (the claim below still decides)
             raise Conflict("the slot is already taken", "slot_taken")

@@ -66,7 +66,8 @@ def resolve(schema: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
 
 def wrong_value(prop: dict[str, Any]) -> Any:
     """A value of a type the property does not take."""
-    types = {prop.get("type")} | {o.get("type") for o in prop.get("oneOf", []) + prop.get("anyOf", [])}
+    declared = [prop.get("type")] + [o.get("type") for o in prop.get("oneOf", []) + prop.get("anyOf", [])]
+    types = {t for d in declared for t in (d if isinstance(d, list) else [d])}  # "type" may be a list in 3.1
     return {"nested": [1]} if "object" not in types else 12345
 
 
@@ -89,7 +90,8 @@ def write_bodies(schema: dict[str, Any], op: dict[str, Any]) -> list[tuple[str, 
 
 def edges(prop: dict[str, Any]) -> list[Any]:
     formats = {prop.get("format")} | {o.get("format") for o in prop.get("oneOf", []) + prop.get("anyOf", [])}
-    types = {prop.get("type")} | {o.get("type") for o in prop.get("oneOf", []) + prop.get("anyOf", [])}
+    declared = [prop.get("type")] + [o.get("type") for o in prop.get("oneOf", []) + prop.get("anyOf", [])]
+    types = {t for d in declared for t in (d if isinstance(d, list) else [d])}  # "type" may be a list in 3.1
     found: list[Any] = []
     if "date" in formats:
         found += ["0001-01-01", "9999-12-31"]

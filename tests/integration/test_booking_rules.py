@@ -8,11 +8,13 @@ import datetime as dt
 import secrets
 from collections.abc import Callable
 from typing import Any
+from uuid import UUID
 
 import msgspec
 from litestar.testing import AsyncTestClient
 from sqlalchemy import event
 
+from app.accounts.models import User
 from app.settings import Settings
 from tests.conftest import Session, refused, running
 from tests.integration.conftest import free_slots
@@ -117,6 +119,32 @@ async def test_directions_serve_by_age_and_sex(
     assert son["sex"] == "male"
     assert (await booked_at(client, man, (await free_slots(client, man, pediatrician.id))[2], kids,
                             patient_id=son["id"])).status_code == 201
+
+
+async def test_the_call_centre_records_what_a_new_callers_direction_needs(
+    client: AsyncTestClient[Any], specialist: Callable[..., Any], service: Callable[..., Any],
+    staff: Callable[..., Any], new_phone: Callable[[], str], session_maker: Any,
+) -> None:
+    registrar, gynecologist, women = await staff("registrar"), await specialist("doctor", ["gynecology"]), \
+        await service("gynecology")
+    phone, slots = new_phone(), await free_slots(client, registrar, gynecologist.id)
+    refused(await booked_at(client, registrar, slots[1], women, patient_phone=phone, patient_name="Olga N"),
+            422, "sex_required")  # a card made on the phone knows nothing yet
+    booked = await booked_at(client, registrar, slots[1], women, patient_phone=phone, patient_name="Olga N",
+                             patient_sex="female", patient_birth_date="1991-02-03")
+    assert booked.status_code == 201, booked.text
+    async with session_maker() as session:
+        card = await session.get(User, UUID(booked.json()["patient_id"]))
+        assert (card.sex, card.birth_date) == ("female", dt.date(1991, 2, 3))
+    # what the card says stays: a later booking naming another sex and birth date changes nothing
+    again = await booked_at(client, registrar, slots[3], women, patient_phone=phone, patient_sex="male",
+                            patient_birth_date="1950-01-01")
+    assert again.status_code == 201, again.text  # the card is still a woman's: the direction still serves her
+    async with session_maker() as session:
+        card = await session.get(User, UUID(booked.json()["patient_id"]))
+        assert (card.sex, card.birth_date) == ("female", dt.date(1991, 2, 3))
+    refused(await booked_at(client, registrar, slots[5], women, patient_phone=new_phone(), patient_sex="female",
+                            patient_birth_date="2999-01-01"), 422, "birth_date_invalid")
 
 
 async def test_a_child_turning_eighteen_before_the_visit_is_an_adult_by_then(
