@@ -520,7 +520,8 @@ async def test_a_refund_whose_answer_was_lost_is_asked_again_never_left_to_the_d
     visit = await visit_until(patient, await specialist(), await service(price="2100.00"), nth=1)
     provider_id = await paid_online(online, yookassa, patient, visit)
     # the provider makes the refund, but every answer is lost, more times than the attempts once allowed
-    yookassa.lose_refunds = test_settings.refund_max_attempts + 1
+    # (the app's own refund task may try too, in between: it only adds attempts)
+    yookassa.lose_refunds = 1_000_000
     cancelled = await online.post(f"/api/v1/consultations/{visit['id']}/cancel", headers=patient.headers)
     assert cancelled.status_code == 200, cancelled.text
     for _ in range(test_settings.refund_max_attempts + 1):
@@ -529,12 +530,13 @@ async def test_a_refund_whose_answer_was_lost_is_asked_again_never_left_to_the_d
         await drain(online)
     [refund] = await refunds_of(session_maker, visit)
     assert refund.status == "due"  # still asked; the provider may well have made it
-    assert refund.attempts == test_settings.refund_max_attempts + 1
+    assert refund.attempts >= test_settings.refund_max_attempts + 1
     refused(await online.post(f"/api/v1/refunds/{refund.id}/done", headers=registrar.headers),
             409, "refund_by_provider")
+    yookassa.lose_refunds = 0  # the provider answers again
 
     await due_now(session_maker, refund)
-    assert await drain(online) == 1  # the same key meets the refund made: succeeded
+    await drain(online)  # the same key meets the refund made: succeeded (by this drain or the app's task)
     [refund] = await refunds_of(session_maker, visit)
     assert refund.status == "succeeded"
     assert {key for key, b in yookassa.refund_posts if b["payment_id"] == provider_id} == {str(refund.id)}
