@@ -52,6 +52,9 @@ bench: install-test services-packages
 	$(BIN)/python -m tests.harness $(BIN)/python -m bench.scheduling
 	$(BIN)/python -m tests.harness $(BIN)/python -m bench.chat
 	$(BIN)/python -m tests.harness $(BIN)/python -m bench.chat_writer
+	$(BIN)/python -m tests.harness $(BIN)/python -m bench.notifications
+	$(BIN)/python -m tests.harness $(BIN)/python -m bench.documents
+	$(BIN)/python -m tests.harness $(BIN)/python -m bench.audit
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""Command line: `python -m app run | serve | migrate | create-admin --phone ... [--full-name ...]`."""
+"""Command line: `python -m app run | serve | worker | migrate | create-admin --phone ... [--full-name ...]`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from app.errors import DomainError
 from app.limits import InProcessLimiter
 from app.migrate import upgrade
 from app.notifications.sms import sms_sender
+from app.observability import configure_logging
 from app.settings import Settings, settings_from_env
 
 
@@ -73,12 +74,25 @@ def serve(settings: Settings) -> None:
                 ws="websockets-sansio", ws_max_size=settings.ws_max_frame_bytes)
 
 
+def outbox_worker(settings: Settings) -> int:
+    if settings.resolved_database_url.startswith("sqlite"):  # one process: the API's own worker sends
+        print("the outbox worker runs inside the API on SQLite; `worker` needs DATABASE_URL (PostgreSQL)",
+              file=sys.stderr)
+        return 2
+    from app.notifications.worker import run_worker
+
+    configure_logging(settings.log_level)
+    asyncio.run(run_worker(settings))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="migrate, load demo data if DEMO_DATA is set, serve")
     commands.add_parser("serve", help="serve the API")
     commands.add_parser("migrate", help="apply database migrations")
+    commands.add_parser("worker", help="send the outbox's pushes and reminders (PostgreSQL; Redis for presence)")
     admin = commands.add_parser("create-admin", help="make (or promote) an admin account")
     admin.add_argument("--phone", required=True)
     admin.add_argument("--full-name")
@@ -93,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         demo(settings)
     if args.command in ("run", "serve"):
         serve(settings)
+    if args.command == "worker":
+        return outbox_worker(settings)
     return 0
 
 

@@ -164,3 +164,76 @@ def conclusion_visible(viewer: Viewer, *, author_id: UUID, author_role: str, own
     if Role.PSYCHOLOGIST in viewer.roles:
         return author_role == Role.PSYCHOLOGIST
     return False
+
+
+# --- Documents -------------------------------------------------------------------------------------
+
+class Ground(StrEnum):
+    """Why a viewer stands in relation to a document: computed by the documents service, once per request."""
+
+    OWN = "own"  # the viewer is the patient, or the patient's guardian
+    AUTHOR = "author"  # the viewer wrote or uploaded it
+    IN_CARE = "in_care"  # the patient is in the viewer's care now (consultations.service.caring)
+    CONSULTATION = "consultation"  # it belongs to a consultation of the viewer's
+    SHARED = "shared"  # a methodist forwarded it to the viewer
+    INBOX = "inbox"  # an analysis in the methodists' inbox
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentGrant:
+    """One way to see documents: a ground, narrowed to some author roles and kinds (None: any)."""
+
+    ground: Ground
+    authors: frozenset[str] | None = None
+    kinds: frozenset[str] | None = None
+
+
+_PATIENT_SIDE = frozenset({Role.PATIENT.value})
+# medical secrecy: a psychologist never sees what doctors (or other clinicians) wrote
+_PSYCHOLOGIST_READS = frozenset({Role.PATIENT.value, Role.PSYCHOLOGIST.value})
+_EVERYONE = (DocumentGrant(Ground.AUTHOR), DocumentGrant(Ground.OWN))
+
+# The document mask: which documents each role sees, as data. Several roles: the union of their grants. The
+# documents service applies it twice from this one table: as a SQL clause for lists and the inbox, and as
+# `document_visible` for single reads, downloads, chat attachments and events.
+DOCUMENT_GRANTS: Mapping[Role, tuple[DocumentGrant, ...]] = {
+    Role.PATIENT: _EVERYONE,  # their own and their dependents', every kind and author
+    Role.DOCTOR: (*_EVERYONE, DocumentGrant(Ground.IN_CARE), DocumentGrant(Ground.SHARED)),
+    Role.PSYCHOLOGIST: (*_EVERYONE, DocumentGrant(Ground.IN_CARE, _PSYCHOLOGIST_READS),
+                        DocumentGrant(Ground.SHARED, _PSYCHOLOGIST_READS)),
+    # in-clinic specialists: what they wrote, and what the patient brought to their own visits
+    Role.SONOGRAPHER: (*_EVERYONE, DocumentGrant(Ground.CONSULTATION, _PATIENT_SIDE),
+                       DocumentGrant(Ground.SHARED, _PATIENT_SIDE)),
+    Role.MASSAGE_THERAPIST: (*_EVERYONE, DocumentGrant(Ground.CONSULTATION, _PATIENT_SIDE),
+                             DocumentGrant(Ground.SHARED, _PATIENT_SIDE)),
+    Role.METHODIST: (DocumentGrant(Ground.INBOX, _PATIENT_SIDE, frozenset({"analysis"})),),
+    Role.REGISTRAR: (),  # the back office sees no medical content
+    Role.ADMIN: (),
+}
+
+
+def document_grants(viewer: Viewer) -> tuple[DocumentGrant, ...]:
+    """Every grant the viewer's roles give (an unknown role gives none)."""
+    seen: dict[DocumentGrant, None] = {}
+    for role in sorted(viewer.roles):
+        seen.update(dict.fromkeys(DOCUMENT_GRANTS.get(role, ())))
+    return tuple(seen)
+
+
+def document_visible(viewer: Viewer, *, kind: str, author_id: UUID, author_role: str, ready: bool,
+                     relationship: frozenset[Ground]) -> bool:
+    """Whether the viewer may see this document: the one decision behind every way a document leaves the system.
+
+    A document not yet checked (pending, rejected) is its author's alone."""
+    if not ready:
+        return author_id == viewer.id and Ground.AUTHOR in relationship
+    return any(g.ground in relationship and (g.authors is None or author_role in g.authors)
+               and (g.kinds is None or kind in g.kinds) for g in document_grants(viewer))
+
+
+# Who uploads what: patients and guardians these kinds, for themselves or a dependent; clinicians any kind, for
+# patients in their care; every other role nothing.
+PATIENT_UPLOAD_KINDS = frozenset({"analysis", "image", "other"})
+UPLOADERS = frozenset({Role.PATIENT, *SPECIALIST_ROLES})
+# the roles that work the methodists' inbox (doctors and psychologists use the methodist workspace too)
+INBOX_ROLES = (Role.METHODIST, Role.DOCTOR, Role.PSYCHOLOGIST)

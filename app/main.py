@@ -16,6 +16,7 @@ from litestar.exceptions import HTTPException, NotFoundException
 from litestar.middleware import DefineMiddleware
 from redis.asyncio import BlockingConnectionPool, Redis
 
+from app import outbox
 from app.access import PUBLIC
 from app.accounts.controllers import (
     AuthController,
@@ -25,6 +26,8 @@ from app.accounts.controllers import (
     StaffController,
 )
 from app.accounts.tokens import TokenIssuer
+from app.audit.controllers import AuditController
+from app.audit.service import AuditLog
 from app.auth import InProcessTickets, RedisTickets, TokenAuthMiddleware
 from app.chat.controllers import ChatController
 from app.chat.gateway import realtime, socket_ticket
@@ -34,11 +37,17 @@ from app.chat.service import SendRules
 from app.clientaddr import trusted_networks
 from app.consultations.controllers import CareController, ConsultationController
 from app.db import Database, provide_db_session
-from app.documents.storage import STORE_ERRORS, S3Store, object_store
+from app.documents.controllers import DocumentController, InboxController, list_documents
+from app.documents.storage import STORE_ERRORS, object_store
+from app.documents.upload_controllers import upload_routes
+from app.documents.uploads import keep_pending_clean
 from app.errors import DomainError, error_response
 from app.health import HealthController
 from app.limits import InProcessLimiter, RedisLimiter
+from app.notifications.controllers import OutboxController
+from app.notifications.push import push_sender
 from app.notifications.sms import sms_sender
+from app.notifications.worker import CommitNudgingBus, OutboxWorker, RedisNudge
 from app.observability import configure_logging, metrics_allowed, metrics_text, request_id_middleware, serve_metrics
 from app.openapi import assets_router, openapi_config
 from app.openapi import on_startup as document_openapi
@@ -101,8 +110,12 @@ def create_app(settings: Settings) -> Litestar:
         sms = sms_sender(settings)
         payment_provider = provider_from(settings)
         refunds = RefundWorker(database, settings, payment_provider)
+        audit = AuditLog(database, enabled=settings.audit_enabled, flush_seconds=settings.audit_flush_seconds,
+                         batch_rows=settings.audit_batch_rows, max_pending=settings.audit_max_pending)
+        if not settings.audit_enabled:
+            log.warning("AUDIT_ENABLED is off: staff reads of medical data are not audited")
         app.state.update(
-            payment_provider=payment_provider, refunds=refunds,
+            payment_provider=payment_provider, refunds=refunds, audit=audit,
             settings=settings, tokens=tokens, redis=redis, store=store, sms=sms, database=database,
             engine=database.engine,
             limiter=RedisLimiter(redis) if redis is not None else InProcessLimiter(),
@@ -113,11 +126,10 @@ def create_app(settings: Settings) -> Litestar:
             else InProcessTickets(settings.ws_ticket_seconds),
             presence=RedisPresence(redis, presence_ttl) if redis is not None else InProcessPresence(presence_ttl),
         )
-        if isinstance(store, S3Store):
-            try:
-                await store.ensure_bucket()
-            except STORE_ERRORS:  # readiness reports it; the service still starts
-                log.warning("object storage unreachable at start")
+        try:  # the bucket (or directory) is made when missing
+            await store.start()
+        except STORE_ERRORS:  # readiness reports it; the service still starts
+            log.warning("object storage unreachable at start")
         # what exists after start-up lives as long as the process: keep it out of every GC pass, and collect
         # less often, so a busy server does not pause to re-scan it (long pauses are p99 latency)
         gc.collect()
@@ -132,13 +144,27 @@ def create_app(settings: Settings) -> Litestar:
             await asyncio.wait_for(revocations_known.wait(), settings.redis_timeout_seconds * 2)
         except TimeoutError:
             log.warning("recent revocations not loaded at start; still trying")
-        sends = SendQueue(database, SendRules(settings, app.state.limiter, app.state.presence), bus,
-                          settings.chat_send_writers, timeout=settings.chat_write_timeout_seconds)
+        # the chat commits its pushes' outbox rows over a raw connection: its publish after the commit wakes the
+        # outbox workers instead of a session's commit
+        sends = SendQueue(database, SendRules(settings, app.state.limiter, app.state.presence),
+                          CommitNudgingBus(bus), settings.chat_send_writers,
+                          timeout=settings.chat_write_timeout_seconds)
         app.state.sends = sends
         writers = asyncio.create_task(sends.run())
         metrics_listener = (await serve_metrics(settings.metrics_address, settings.metrics_token)
                             if settings.metrics_address else None)
         refunding = asyncio.create_task(refunds.run())
+        sweeping = asyncio.create_task(keep_pending_clean(database, store, settings))  # uploads never completed
+        # outbox commits wake the workers of other processes too (`python -m app worker`, other API instances)
+        stop_nudging = outbox.on_commit(RedisNudge(redis)) if redis is not None else (lambda: None)
+        pushes = push_sender(settings)
+        app.state.push = pushes
+        worker = OutboxWorker(database, settings, pushes, sms, app.state.presence, redis)
+        app.state.outbox_worker = worker
+        # the embedded profile has no other process to send its pushes: the worker always runs in it
+        in_api = settings.outbox_worker_in_api or settings.resolved_database_url.startswith("sqlite")
+        delivering = asyncio.create_task(worker.run()) if in_api else None
+        audit.start()
         try:
             yield
         finally:
@@ -147,15 +173,20 @@ def create_app(settings: Settings) -> Litestar:
             writers.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writers  # the sends in flight are answered before the database goes
-            background = (horizons, listener, hearing, forgetting, refunding)
+            stop_nudging()
+            background = (horizons, listener, hearing, forgetting, refunding, sweeping,
+                          *([delivering] if delivering is not None else []))
             for task in background:
                 task.cancel()
             # each ends (a refund in flight is recorded, a session rolls back) before the database goes: a task
             # left mid-query would wait forever on a connection closed under it
             await asyncio.gather(*background, return_exceptions=True)
+            await audit.close()  # the reads audited so far are written before the database goes
             if payment_provider is not None:
                 await payment_provider.aclose()
             await sms.aclose()
+            await pushes.aclose()
+            await store.close()
             await database.dispose()
             if redis is not None:
                 await redis.aclose()
@@ -163,7 +194,11 @@ def create_app(settings: Settings) -> Litestar:
     return Litestar(
         route_handlers=[HealthController, metrics, AuthController, MeController, StaffController,
                         PatientController, DeviceController, CatalogueController, ConsultationController,
-                        CareController, PaymentController, ChatController, realtime, socket_ticket, assets_router()],
+                        CareController, PaymentController, ChatController, AuditController, DocumentController,
+                        InboxController, OutboxController, realtime, socket_ticket,
+                        *upload_routes(settings),
+                        list_documents,  # after the uploads' controller on its path (one OPTIONS handler)
+                        assets_router()],
         dependencies={"db_session": Provide(provide_db_session)},
         lifespan=[backing_services],
         middleware=[

@@ -57,6 +57,7 @@ PARAMETERS: dict[str, tuple[str, Any]] = {
     "staff_id": ("The staff member's id.", _ID),
     "service_id": ("The service's id.", _ID),
     "document_id": ("The document's id.", _ID),
+    "kind": ("Only documents of this kind: analysis, conclusion, referral, image or other.", "analysis"),
     "analysis_id": ("The analysis' id.", _ID),
     "payment_id": ("The payment's id.", _ID),
     "refund_id": ("The refund's id.", _ID),

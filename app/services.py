@@ -6,8 +6,10 @@ from litestar.datastructures import State
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.accounts.service import AccountService
+from app.audit.service import AuditQueries
 from app.chat.service import ChatService
 from app.consultations.service import ConsultationService
+from app.documents.service import DocumentService
 from app.payments.service import PaymentService
 from app.scheduling.service import SchedulingService
 
@@ -33,3 +35,11 @@ def consultations_for(session: AsyncSession, state: State) -> ConsultationServic
     accounts = accounts_for(session, state)
     return ConsultationService(session, state.settings, accounts, scheduling_for(session, state),
                                chat_for(session, state, accounts), payments_for(session, state))
+
+
+def documents_for(session: AsyncSession, state: State) -> DocumentService:
+    return DocumentService(session, state.settings, accounts_for(session, state))
+
+
+def audit_queries_for(session: AsyncSession) -> AuditQueries:
+    return AuditQueries(session)

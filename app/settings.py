@@ -29,6 +29,20 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     s3_access_key: str | None = None
     s3_secret_key: str | None = None
     s3_region: str = "us-east-1"
+    s3_public_endpoint_url: str | None = None  # the endpoint as clients reach it, for presigned URLs; None: as above
+    s3_addressing_style: str = "path"  # path | virtual | auto: path suits SeaweedFS/MinIO, virtual some clouds
+    s3_sse: str = "AES256"  # server-side encryption of every write (SSE-S3); empty: the endpoint's default
+    s3_threads: int = 16  # boto3 blocks: its calls run in a thread pool of this size, never on the event loop
+    s3_part_bytes: int = 8 * 1024 * 1024  # a streamed upload goes out as multipart parts of this size (min 5 MiB)
+
+    # documents: every kind is capped; URLs handed out are short-lived, the bytes never go through a handler
+    document_max_bytes: int = 25 * 1024 * 1024
+    document_url_seconds: int = 60  # a download URL's life (presigned GET)
+    document_upload_url_seconds: int = 900  # a presigned PUT's life: minutes, for a slow phone connection
+    document_pending_seconds: int = 3600  # an upload never completed is dropped (object deleted) after this
+    # a PDF's object streams are inflated to look for scripts in them; past this many inflated bytes the file
+    # is refused (415 pdf_unscannable) rather than scanned without bound (a compression bomb)
+    document_scan_inflate_bytes: int = 64 * 1024 * 1024
 
     default_region: str = "RU"  # how phone numbers without a country code are read
     clinic_timezone: str = "Europe/Moscow"
@@ -65,6 +79,33 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     sms_http_template: str = '{"to": "{to}", "text": "{text}"}'  # JSON body; "{to}" and "{text}" filled in
     sms_http_timeout_seconds: float = 5.0
     sms_http_retries: int = 3
+
+    # pushes to phones (app/notifications/push.py); neither FCM nor APNs set: JSON lines in PUSH_LOG_PATH
+    push_log_path: str = ""  # empty: data_dir/push.log
+    fcm_credentials: str | None = None  # path of a service-account JSON (its token_uri is honoured)
+    fcm_project_id: str | None = None  # None: the service account's project
+    fcm_endpoint: str = "https://fcm.googleapis.com"  # a local stand-in in tests
+    fcm_timeout_seconds: float = 10.0  # one HTTP request to FCM; past it the push is retried later
+    # APNs VoIP (iOS calls): PushKit pushes that firebase-admin cannot send; all four of key file, key id, team id
+    # and topic are needed to enable it
+    apns_key_file: str | None = None  # the .p8 signing key (ES256) from the Apple developer account
+    apns_key_id: str | None = None  # its key id (the token's kid)
+    apns_team_id: str | None = None  # the team id (the token's iss)
+    apns_topic: str | None = None  # the app's bundle id; VoIP pushes go to "<topic>.voip"
+    apns_endpoint: str = "https://api.push.apple.com"
+    apns_ca_file: str | None = None  # trust for APNs' certificate; None: the system store (tests: a self-signed CA)
+    apns_timeout_seconds: float = 10.0
+    # how long an unanswered call rings before it is missed; a call's push never outlives it (ttl, apns-expiration)
+    call_ring_seconds: int = 45
+
+    # the outbox worker (app/notifications/worker.py): sends the pushes and SMS that outbox rows mean
+    outbox_worker_in_api: bool = True  # run it inside each API process too (the embedded profile always does)
+    outbox_poll_seconds: float = 5.0  # without a wake-up after a commit (another process, no Redis), look this often
+    outbox_batch_size: int = 500  # rows claimed at once; their pushes go to the provider in one call
+    outbox_lease_seconds: float = 60.0  # a claim not finished within it (a killed worker) is taken over
+    outbox_retry_base_seconds: float = 10.0  # the first retry's delay; doubled each time, with jitter
+    outbox_max_attempts: int = 8  # then the row is marked failed (GET /api/v1/outbox/failed, metrics)
+    reminder_offsets: str = "24h,1h"  # reminders before each consultation ("30m", "2h", "1d")
 
     # online payment: patients pay through a provider and a visit is paid when the provider confirms it;
     # "none": only the front desk takes payments (online payment answers 409 online_payment_unavailable)
@@ -106,6 +147,15 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     ws_per_user: int = 10  # sockets one user may hold on one process; a newer one closes the oldest (4409)
     ws_ticket_seconds: float = 30.0  # a socket ticket (POST /api/v1/ws/ticket) is good once, within this time
 
+    # the audit log of staff reads of medical data (app/audit/service.py): rows are queued in memory and written
+    # in one INSERT every AUDIT_FLUSH_SECONDS, or as soon as AUDIT_BATCH_ROWS wait (a crash loses at most one
+    # interval; a clean shutdown none); past AUDIT_MAX_PENDING queued rows (the database refusing them for long)
+    # new ones are dropped, counted and logged rather than grow memory without end
+    audit_flush_seconds: float = 0.2
+    audit_batch_rows: int = 500
+    audit_max_pending: int = 100_000
+    audit_enabled: bool = True  # off only to measure what auditing costs (bench/audit.py); the law wants it on
+
     # a request body larger than this is refused with 413 before it is read whole (uploads have their own limit)
     max_body_bytes: int = 1_048_576
     log_level: str = "INFO"
@@ -124,6 +174,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     @property
     def resolved_sms_log_path(self) -> Path:
         return Path(self.sms_log_path) if self.sms_log_path else Path(self.data_dir) / "sms.log"
+
+    @property
+    def resolved_push_log_path(self) -> Path:
+        return Path(self.push_log_path) if self.push_log_path else Path(self.data_dir) / "push.log"
 
     @property
     def objects_dir(self) -> Path:

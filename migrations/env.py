@@ -9,8 +9,11 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import app.accounts.models
+import app.audit.models
 import app.chat.models
 import app.consultations.models
+import app.documents.models
+import app.notifications.models
 import app.outbox
 import app.payments.models
 import app.scheduling.models  # noqa: F401

@@ -29,6 +29,8 @@ from app.migrate import upgrade
 from app.notifications.sms import LogSms
 from app.settings import Settings
 
+pytest_plugins = ["tests.standins.fixtures"]  # fcm_standin, apns_standin: the push providers on loopback
+
 POSTGRES = os.environ.get("TEST_POSTGRES_URL")
 PROFILE = "real" if POSTGRES else "embedded"
 

@@ -33,9 +33,11 @@ from app.accounts.schemas import (
     UserOut,
 )
 from app.accounts.service import AccountService, Login, Me
+from app.audit.service import audit_trail
 from app.clientaddr import client_address
 from app.consultations.service import ConsultationService
 from app.errors import Invalid
+from app.notifications.models import STAFF_TOPICS, TOPICS
 from app.schemas import Page
 from app.services import accounts_for, consultations_for
 
@@ -61,7 +63,10 @@ def me_out(me: Me) -> MeOut:
     return MeOut(id=u.id, phone=u.phone, full_name=u.full_name, roles=list(u.roles),
                  specialties=list(u.specialties), timezone=u.timezone, active=u.active, birth_date=u.birth_date,
                  sex=u.sex,
-                 questionnaire=dict(u.questionnaire), dependents=[dependent_out(d) for d in me.dependents])
+                 questionnaire=dict(u.questionnaire), dependents=[dependent_out(d) for d in me.dependents],
+                 quiet_hours_start=u.quiet_hours_start, quiet_hours_end=u.quiet_hours_end,
+                 push_topics=list(TOPICS if not u.is_staff else u.push_topics if u.push_topics is not None
+                                  else STAFF_TOPICS))
 
 
 def token_out(login: Login) -> TokenOut:
@@ -170,7 +175,7 @@ class PatientController(Controller):
     async def get_patient(self, request: Request[Viewer, Any, Any],
                           consultations: NamedDependency[ConsultationService],
                           patient_id: FromPath[UUID]) -> PatientCardOut:
-        return PatientCardOut(**await consultations.patient_card(request.user, patient_id))
+        return PatientCardOut(**await consultations.patient_card(request.user, patient_id, audit=audit_trail(request)))
 
 
 class DeviceController(Controller):

@@ -33,6 +33,12 @@ class User(Base):
     )
     relation: Mapped[str | None] = mapped_column(String(32))  # the guardian's relation to this dependent
     legal_basis: Mapped[str | None] = mapped_column(String(500))  # the document that grants guardianship
+    # pushes: no non-urgent push between these local times ("HH:MM", in `timezone`; held until the end)
+    quiet_hours_start: Mapped[str | None] = mapped_column(String(5))
+    quiet_hours_end: Mapped[str | None] = mapped_column(String(5))
+    # the push topics a staff member opted into (None: the default, app/notifications/models.py STAFF_TOPICS);
+    # patients get every push
+    push_topics: Mapped[list[str] | None] = mapped_column(JsonDoc)
 
 
 class OtpCode(Base):

@@ -77,6 +77,9 @@ class MeOut(UserOut):
     sex: str | None
     questionnaire: dict[str, Any]
     dependents: list[DependentOut]
+    quiet_hours_start: str | None = None
+    quiet_hours_end: str | None = None
+    push_topics: list[str] = msgspec.field(default_factory=list)  # the pushes this account gets
 
 
 class TokenOut(Out):
@@ -95,11 +98,22 @@ QuestionnaireValue = AnswerText | int | float | bool | None | Annotated[list[Ann
                                                                         Meta(max_length=50)]
 
 
+# quiet hours: local times "HH:MM" in the user's time zone; start after end spans midnight ("22:00"-"08:00")
+QuietTime = Annotated[str, Meta(min_length=5, max_length=5, pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$",
+                                 examples=["22:00"])]
+PushTopic = Literal["chat", "consultations", "notices", "alerts", "reminders"]  # app/notifications/models.py
+
+
 class MePatch(Wire):
     full_name: Name | UnsetType = UNSET
     birth_date: dt.date | UnsetType = UNSET
     sex: Sex | UnsetType = UNSET
     timezone: TimezoneName | UnsetType = UNSET
+    # no non-urgent push between them (held until the end); both set, or both null for none
+    quiet_hours_start: QuietTime | UnsetType | None = UNSET
+    quiet_hours_end: QuietTime | UnsetType | None = UNSET
+    # staff: the pushes they want (null: the default, chat and alerts); patients get every push
+    push_topics: Annotated[list[PushTopic], Meta(max_length=5)] | UnsetType | None = UNSET
     questionnaire: Annotated[dict[Annotated[str, Meta(max_length=100)], QuestionnaireValue],
                              Meta(max_length=200)] | UnsetType = UNSET
 

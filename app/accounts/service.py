@@ -263,6 +263,14 @@ class AccountService:
             changes["full_name"] = clean_name(changes["full_name"])
         if "sex" in changes:
             changes["sex"] = changes["sex"].value
+        if "push_topics" in changes and not me.user.is_staff:
+            raise Invalid("patients get every push; topics are chosen by staff", "push_topics_staff_only")
+        if changes.get("push_topics") is not None:
+            changes["push_topics"] = sorted(set(changes["push_topics"]))
+        quiet = (changes.get("quiet_hours_start", me.user.quiet_hours_start),
+                 changes.get("quiet_hours_end", me.user.quiet_hours_end))
+        if (quiet[0] is None) != (quiet[1] is None):
+            raise Invalid("quiet hours need both a start and an end", "quiet_hours_incomplete")
         for field, value in changes.items():
             setattr(me.user, field, value)
         await self.session.flush()

@@ -13,14 +13,16 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import access
 from app.access import Viewer, signed_in
+from app.audit.service import audit_trail
 from app.chat.models import Message
 from app.chat.schemas import ChatRowOut, EditIn, LastMessage, MessageIn, MessageOut, ReadIn
 from app.chat.service import ChatService, Row, outgoing
 from app.chat.store import message_out
 from app.consultations.controllers import provide_consultations
 from app.consultations.service import ConsultationService
+from app.documents.models import Document
 from app.schemas import Page, localized
-from app.services import chat_for
+from app.services import chat_for, documents_for
 
 Limit = Annotated[int, Parameter(ge=1, le=200)]
 
@@ -40,6 +42,15 @@ def row_out(row: Row, viewer: Viewer, name: str | None, **extra: Any) -> ChatRow
                       counterpart_name=name, is_dependent=c.patient_id != viewer.id and not access.is_clinician(viewer),
                       writable=row.window.writable, writable_until=row.window.until, unread=row.unread,
                       last_message=last_out(row.last), **extra)
+
+
+async def attachments(state: State, viewer: Viewer, conversation_id: UUID, document_ids: list[UUID]) -> list[Document]:
+    """The documents a send names, checked before it joins the send queue (whose groups stay one round trip):
+    ready, of this conversation's patient, and visible to the author; else 422 document_unknown."""
+    async with state.database.reader() as session:
+        party = await chat_for(session, state).visible(viewer, conversation_id)
+        recipient = party.specialist_id if viewer.id != party.specialist_id else None
+        return await documents_for(session, state).attachable(viewer, party.patient_id, document_ids, recipient)
 
 
 class ChatController(Controller):
@@ -72,7 +83,7 @@ class ChatController(Controller):
     async def list_messages(self, request: Request[Viewer, Any, Any], chat: NamedDependency[ChatService],
                             conversation_id: FromPath[UUID], before: FromQuery[UUID | None] = None,
                             after: FromQuery[UUID | None] = None, limit: FromQuery[Limit] = 50) -> Page[MessageOut]:
-        rows = await chat.history(request.user, conversation_id, before, after, limit)
+        rows = await chat.history(request.user, conversation_id, before, after, limit, audit=audit_trail(request))
         return Page(items=[message_out(m) for m in rows],
                     next_cursor=str(rows[0].id) if len(rows) == limit and after is None else
                     (str(rows[-1].id) if len(rows) == limit else None))
@@ -81,7 +92,9 @@ class ChatController(Controller):
     async def send_message(self, request: Request[Viewer, Any, Any], state: State, conversation_id: FromPath[UUID],
                            data: JSONBody[MessageIn]) -> Response[MessageOut]:
         # no session of its own: the send joins the next group the send queue writes
-        message, created = await state.sends.send(outgoing(request.user, conversation_id, data))
+        attached = await attachments(state, request.user, conversation_id, data.document_ids) \
+            if data.document_ids else []
+        message, created = await state.sends.send(outgoing(request.user, conversation_id, data, attached))
         return Response(localized(message), status_code=201 if created else 200)
 
     @patch("/{conversation_id:uuid}/messages/{message_id:uuid}", guards=[signed_in])

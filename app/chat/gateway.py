@@ -36,6 +36,7 @@ PONG = '{"type":"pong"}'
 CLOSE_IDLE, CLOSE_SLOW = 4408, 4429
 CLOSE_TOO_BIG, CLOSE_CROWDED = 1009, 4409  # 1009: RFC 6455 "message too big"
 FIRST_FRAME_GRACE = 0.3  # seconds live events wait for a resuming client's first frame
+PRESENCE_STATES = ("foreground", "background")
 
 
 def error_frame(reason: str) -> str:
@@ -188,6 +189,13 @@ async def serve(socket: WebSocket[Any, Any, Any], connection: Connection, state:
                     connection.offer(Resume(after))
                 else:
                     connection.resume_from = after
+        elif message.type == "presence":
+            state_now = message.data.get("state")
+            if state_now in PRESENCE_STATES:
+                connection.foreground = state_now == "foreground"
+                await touch(state, connection)  # other instances' pushes go by it from now on
+            else:
+                connection.offer(error_frame("invalid_presence_state"))
         else:  # rtc.offer and rtc.candidate arrive with calls
             connection.offer(error_frame("unsupported_type"))
         connection.ready.set()
@@ -196,6 +204,6 @@ async def serve(socket: WebSocket[Any, Any, Any], connection: Connection, state:
 async def touch(state: State, connection: Connection) -> None:
     """Renew presence; a Redis hiccup must not cost the client its socket."""
     try:
-        await state.presence.touch(connection.user_id, connection.id)
+        await state.presence.touch(connection.user_id, connection.id, connection.foreground)
     except Exception:
         log.warning("presence not renewed", exc_info=True)

@@ -36,6 +36,7 @@ class Connection:
         self.started_at = 0  # the stream position when the socket opened: later events are sent live
         self.last_seq = 0  # the last position sent in order
         self.resume_from: int | None = None  # what a first-frame resume asked for
+        self.foreground = True  # from connect until the client says it went to the background (API.md "Push")
         self.ready = asyncio.Event()  # the client has said its first word
         self.overflowed = asyncio.Event()
         self.kicked = asyncio.Event()  # the server ends this socket (revoked access, too many sockets)
@@ -141,49 +142,90 @@ class RedisBus:
 
 
 class Presence(Protocol):
-    async def touch(self, user_id: UUID, connection_id: str) -> None: ...
+    async def touch(self, user_id: UUID, connection_id: str, foreground: bool = True) -> None:
+        """The socket is alive (for another TTL), in the foreground or not (API.md "Push")."""
+        ...
 
     async def leave(self, user_id: UUID, connection_id: str) -> None: ...
 
     async def online(self, user_ids: list[UUID]) -> set[UUID]: ...
+
+    async def foreground(self, user_ids: list[UUID]) -> set[UUID]:
+        """Those with a socket in the foreground on any instance: they see events live, so get no push."""
+        ...
 
 
 class InProcessPresence:
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
         self._seen: dict[UUID, dict[str, float]] = {}
+        self._front: dict[UUID, dict[str, float]] = {}  # the same, for sockets in the foreground
 
-    async def touch(self, user_id: UUID, connection_id: str) -> None:
-        self._seen.setdefault(user_id, {})[connection_id] = time.monotonic() + self.ttl
+    async def touch(self, user_id: UUID, connection_id: str, foreground: bool = True) -> None:
+        until = time.monotonic() + self.ttl
+        self._seen.setdefault(user_id, {})[connection_id] = until
+        if foreground:
+            self._front.setdefault(user_id, {})[connection_id] = until
+        else:
+            _drop(self._front, user_id, connection_id)
 
     async def leave(self, user_id: UUID, connection_id: str) -> None:
-        mine = self._seen.get(user_id, {})
-        mine.pop(connection_id, None)
-        if not mine:
-            self._seen.pop(user_id, None)
+        _drop(self._seen, user_id, connection_id)
+        _drop(self._front, user_id, connection_id)
 
     async def online(self, user_ids: list[UUID]) -> set[UUID]:
         now = time.monotonic()
         return {u for u in user_ids if any(t > now for t in self._seen.get(u, {}).values())}
 
+    async def foreground(self, user_ids: list[UUID]) -> set[UUID]:
+        now = time.monotonic()
+        return {u for u in user_ids if any(t > now for t in self._front.get(u, {}).values())}
+
+
+def _drop(seen: dict[UUID, dict[str, float]], user_id: UUID, connection_id: str) -> None:
+    mine = seen.get(user_id, {})
+    mine.pop(connection_id, None)
+    if not mine:
+        seen.pop(user_id, None)
+
 
 class RedisPresence:
-    """A sorted set per user: member = socket, score = when it stops counting unless a heartbeat renews it."""
+    """A sorted set per user: member = socket, score = when it stops counting unless a heartbeat renews it;
+    a second one per user holds only the sockets in the foreground, expiring the same way."""
 
     def __init__(self, redis: Redis, ttl: float) -> None:
         self.redis = redis
         self.ttl = ttl
 
-    async def touch(self, user_id: UUID, connection_id: str) -> None:
-        key = f"presence:{user_id}"
+    async def touch(self, user_id: UUID, connection_id: str, foreground: bool = True) -> None:
+        key, front = f"presence:{user_id}", f"presence:fg:{user_id}"
+        until = time.time() + self.ttl
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(key, {connection_id: time.time() + self.ttl})
+            pipe.zadd(key, {connection_id: until})
             pipe.expire(key, int(self.ttl) + 1)
+            if foreground:
+                pipe.zadd(front, {connection_id: until})
+                pipe.expire(front, int(self.ttl) + 1)
+            else:
+                pipe.zrem(front, connection_id)
             await pipe.execute()
 
     async def leave(self, user_id: UUID, connection_id: str) -> None:
         with contextlib.suppress(Exception):
-            await self.redis.zrem(f"presence:{user_id}", connection_id)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zrem(f"presence:{user_id}", connection_id)
+                pipe.zrem(f"presence:fg:{user_id}", connection_id)
+                await pipe.execute()
+
+    async def foreground(self, user_ids: list[UUID]) -> set[UUID]:
+        if not user_ids:
+            return set()
+        now = time.time()
+        async with self.redis.pipeline(transaction=False) as pipe:  # one round trip, however many users
+            for user_id in user_ids:
+                pipe.zcount(f"presence:fg:{user_id}", now, "+inf")
+            counts = await pipe.execute()
+        return {u for u, n in zip(user_ids, counts, strict=True) if n}
 
     async def online(self, user_ids: list[UUID]) -> set[UUID]:
         if not user_ids:

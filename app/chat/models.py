@@ -52,6 +52,9 @@ class Message(Base):
     kind: Mapped[str] = mapped_column(String(16), default="text")  # text | system
     text: Mapped[str] = mapped_column(Text, default="")
     document_ids: Mapped[list[str]] = mapped_column(JsonDoc, default=list)
+    # the attached documents as the message shows them ({id, filename, content_type, size, kind}), kept on the
+    # row so reading history needs no join
+    documents: Mapped[list[dict[str, Any]]] = mapped_column(JsonDoc, default=list, server_default="[]")
     client_id: Mapped[str] = mapped_column(String(64))
     edited_at: Mapped[dt.datetime | None] = mapped_column(DateTimeUTC(timezone=True))
     deleted_at: Mapped[dt.datetime | None] = mapped_column(DateTimeUTC(timezone=True))  # text and files gone

@@ -9,6 +9,7 @@ from uuid import UUID
 import msgspec
 from msgspec import Meta
 
+from app.documents.schemas import AttachedOut
 from app.schemas import Out, Wire
 
 # any 1 to 64 printable characters the client picks; a retry with the same one is a no-op
@@ -32,6 +33,7 @@ class MessageOut(Out):
     created_at: dt.datetime
     edited_at: dt.datetime | None = None
     deleted: bool = False
+    documents: list[AttachedOut] = msgspec.field(default_factory=list)  # what document_ids name, as shown
 
 
 class EditIn(Wire):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -20,12 +21,15 @@ from uuid_utils.compat import uuid7
 
 from app.access import Viewer
 from app.accounts.service import AccountService
+from app.audit.service import AuditTrail
 from app.chat import streams
 from app.chat.hub import Presence
 from app.chat.models import ChatWindow, Conversation, Message, ReadMark
 from app.chat.schemas import MessageIn, MessageOut
 from app.chat.store import PartyRow, Send, SendStore, SqlSendStore, message_out
 from app.db import insert_ignoring_duplicates
+from app.documents.models import Document
+from app.documents.schemas import AttachedOut
 from app.errors import Conflict, DomainError, Forbidden, Invalid, NotVisible, TooMany
 from app.limits import RateLimiter
 from app.settings import Settings
@@ -78,14 +82,18 @@ def parties_of(rows: list[PartyRow]) -> dict[UUID, Party]:
 Sent = tuple[MessageOut, bool]  # the message as answered, and whether this send wrote it
 
 
-def outgoing(viewer: Viewer, conversation_id: UUID, body: MessageIn) -> Send:
-    """What a send asks for, once its body makes sense on its own."""
-    if body.document_ids:  # documents arrive with the documents feature; until then none exist
+def outgoing(viewer: Viewer, conversation_id: UUID, body: MessageIn, attached: Sequence[Document] = ()) -> Send:
+    """What a send asks for, once its body makes sense on its own. `attached`: the documents `document_ids`
+    names, already checked against the conversation's patient and the author's mask (DocumentService.attachable)."""
+    if {d.id for d in attached} != set(body.document_ids):
         raise Invalid("unknown document", "document_unknown")
     text = (body.text or "").strip()
-    if not text:
+    if not text and not attached:
         raise Invalid("a message needs text or documents", "message_empty")
-    return Send(viewer.id, conversation_id, text, body.client_id)
+    return Send(viewer.id, conversation_id, text, body.client_id,
+                documents=tuple(AttachedOut(id=d.id, filename=d.filename, content_type=d.content_type, size=d.size,
+                                            kind=d.kind) for d in attached),
+                analyses=tuple(d.id for d in attached if d.kind == "analysis" and d.author_role == "patient"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +224,7 @@ class ChatService:
         if not party.window.writable:
             raise Conflict("the conversation is closed for writing", "conversation_closed")
         if text is None:
-            message.text, message.document_ids, message.deleted_at = "", [], now
+            message.text, message.document_ids, message.documents, message.deleted_at = "", [], [], now
         else:
             if not text.strip():
                 raise Invalid("a message needs text", "message_empty")
@@ -226,8 +234,11 @@ class ChatService:
         return message
 
     async def history(self, viewer: Viewer, conversation_id: UUID, before: UUID | None, after: UUID | None,
-                      limit: int) -> list[Message]:
-        await self.visible(viewer, conversation_id)
+                      limit: int, *, audit: AuditTrail | None = None) -> list[Message]:
+        party = await self.visible(viewer, conversation_id)
+        if audit is not None:  # the specialist's read is audited; the patient's or guardian's own is not
+            audit.read("chat.read", "conversation", conversation_id, party.patient_id,
+                       own=viewer.id in (party.patient_login, party.guardian_id))
         query = select(Message).where(Message.conversation_id == conversation_id)
         if after is not None:  # newer than a message, oldest first
             rows = await self.session.scalars(query.where(Message.id > after).order_by(Message.id).limit(limit))
@@ -323,8 +334,8 @@ class SendRules:
                 continue
             firsts[key] = i
             rows.append((i, MessageOut(id=uuid7(), conversation_id=send.conversation_id, author_id=send.author_id,
-                                       kind="text", text=send.text, document_ids=[], client_id=send.client_id,
-                                       created_at=now)))
+                                       kind="text", text=send.text, document_ids=[str(d.id) for d in send.documents],
+                                       client_id=send.client_id, created_at=now, documents=list(send.documents))))
         # write them all; a retry clashes with its first copy and answers that
         created = await store.insert_messages([m for _, m in rows])
         for i, message in rows:
@@ -339,10 +350,10 @@ class SendRules:
             else:
                 outcomes[i] = Conflict("the conversation is closed for writing", "conversation_closed")
         others = {i: parties[m.conversation_id].people - {m.author_id} for i, m in open_}
-        waits, online = await asyncio.gather(  # two Redis round trips at once, for the whole group
+        waits, watching = await asyncio.gather(  # two Redis round trips at once, for the whole group
             self.limiter.hit_many([f"chat:send:{m.author_id}" for _, m in open_],
                                   self.settings.chat_sends_per_minute, 60),
-            self.presence.online(sorted(set().union(*others.values()))))
+            self.presence.foreground(sorted(set().union(*others.values()))))
         accepted = []
         for (i, message), wait in zip(open_, waits, strict=True):
             if wait:
@@ -353,16 +364,22 @@ class SendRules:
         refused = [m.id for i, m in fresh if not isinstance(outcomes[i], tuple)]
         if refused:
             await store.delete_messages(refused)
+        # analyses the patient's side sent enter the methodists' inbox, in the same transaction as the message
+        filed = [(d, m.conversation_id) for i, m in accepted if m.author_id != parties[m.conversation_id].specialist_id
+                 for d in sends[i].analyses]
+        if filed:
+            await store.file_analyses(filed)
         # message.new into each of the people's streams, carrying the message as the REST answer shapes it
         events = [(parties[m.conversation_id].people, "message.new", msgspec.to_builtins(m)) for _, m in accepted]
         counts = streams.tally(events)
         if counts:
             await store.insert_events(streams.lay_out(events, counts, await store.number_streams(counts), staged))
-        # nobody there to see it live: a push (ids only, no text) goes out through the outbox
+        # a push (ids only, no text) through the outbox for the others with no socket in the foreground (a phone
+        # with the app in the background has a socket open and needs the push); the worker checks again at send time
         await store.stage_pushes([
-            (m.id, sorted(str(u) for u in others[i] - online),
+            (m.id, sorted(str(u) for u in others[i] - watching),
              {"type": "message.new", "ref": str(m.id), "conversation_id": str(m.conversation_id)})
-            for i, m in accepted if others[i] - online])
+            for i, m in accepted if others[i] - watching])
         for i, first in twins.items():
             outcome = outcomes[first]
             outcomes[i] = (outcome[0], False) if isinstance(outcome, tuple) else outcome

@@ -19,7 +19,7 @@ from uuid import UUID
 
 import asyncpg
 import msgspec
-from sqlalchemy import bindparam, delete, func, insert, select
+from sqlalchemy import Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from uuid_utils.compat import uuid7
 
@@ -28,6 +28,8 @@ from app.chat import streams
 from app.chat.models import ChatWindow, Conversation, Message
 from app.chat.schemas import MessageOut
 from app.db import Database, dialect_insert
+from app.documents.models import Document
+from app.documents.schemas import AttachedOut
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +40,8 @@ class Send:
     conversation_id: UUID
     text: str
     client_id: str
+    documents: tuple[AttachedOut, ...] = ()  # attachments, already checked (DocumentService.attachable)
+    analyses: tuple[UUID, ...] = ()  # those of them that are analyses the patient's side uploaded
 
 
 class PartyRow(NamedTuple):
@@ -70,6 +74,10 @@ class SendStore(Protocol):
 
     async def stage_pushes(self, pushes: list[Push]) -> None: ...
 
+    async def file_analyses(self, filed: list[tuple[UUID, UUID]]) -> None:
+        """Analyses sent in a chat by the patient's side, (document, conversation): they note the conversation
+        and enter the methodists' inbox (an analysis already there keeps its status)."""
+
 
 PARTIES = select(
     Conversation.id, Conversation.specialist_id, Conversation.patient_id, Conversation.patient_has_login,
@@ -79,10 +87,26 @@ PARTIES = select(
 ).where(Conversation.id.in_(bindparam("ids", expanding=True)))
 
 
+ATTACHED = list[AttachedOut]
+
+
+def attached(documents: list[dict[str, Any]] | None) -> list[AttachedOut]:
+    return msgspec.convert(documents, ATTACHED) if documents else []
+
+
 def message_out(m: Message) -> MessageOut:
     return MessageOut(id=m.id, conversation_id=m.conversation_id, author_id=m.author_id, kind=m.kind, text=m.text,
                       document_ids=list(m.document_ids), client_id=m.client_id, created_at=m.created_at,
-                      edited_at=m.edited_at, deleted=m.deleted_at is not None)
+                      edited_at=m.edited_at, deleted=m.deleted_at is not None, documents=attached(m.documents))
+
+
+def filed_update() -> Any:
+    """The inbox's side of a chat send (SQLAlchemy Core; PG_FILE_ANALYSES is the same for asyncpg)."""
+    table: Table = Document.__table__  # type: ignore[assignment]
+    return update(table).where(table.c.id == bindparam("filed_document", type_=table.c.id.type)).values(
+        conversation_id=func.coalesce(table.c.conversation_id,
+                                      bindparam("filed_conversation", type_=table.c.conversation_id.type)),
+        inbox_status=func.coalesce(table.c.inbox_status, "new"))
 
 
 class SqlSendStore:
@@ -105,7 +129,8 @@ class SqlSendStore:
             .returning(table.c.id),
             [{"id": m.id, "conversation_id": m.conversation_id, "author_id": m.author_id, "kind": m.kind,
               "text": m.text, "document_ids": m.document_ids, "client_id": m.client_id,
-              "created_at": m.created_at, "updated_at": m.created_at} for m in messages])
+              "documents": msgspec.to_builtins(m.documents), "created_at": m.created_at,
+              "updated_at": m.created_at} for m in messages])
         return set(written.scalars().all())
 
     async def first_copy(self, send: Send) -> MessageOut:
@@ -128,20 +153,28 @@ class SqlSendStore:
         for message_id, recipients, payload in pushes:
             outbox.stage(self.session, "push", message_id, recipients, payload)
 
+    async def file_analyses(self, filed: list[tuple[UUID, UUID]]) -> None:
+        if filed:
+            await self.session.execute(filed_update(), [{"filed_document": d, "filed_conversation": c}
+                                                        for d, c in filed])
+
 
 PG_PARTIES = """
 SELECT c.id, c.specialist_id, c.patient_id, c.patient_has_login, c.guardian_id, c.extended_until,
        (SELECT max(w.ends_at) FROM chat_window w WHERE w.conversation_id = c.id) AS planned_end
 FROM conversation c WHERE c.id = ANY($1::uuid[])"""
 PG_INSERT_MESSAGES = """
-INSERT INTO message (id, conversation_id, author_id, kind, text, document_ids, client_id, created_at, updated_at)
-SELECT id, conversation_id, author_id, kind, text, document_ids, client_id, at, at
+INSERT INTO message (id, conversation_id, author_id, kind, text, document_ids, client_id, created_at, updated_at,
+                     documents)
+SELECT id, conversation_id, author_id, kind, text, document_ids, client_id, at, at, documents
 FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::jsonb[], $7::text[],
-            $8::timestamptz[]) AS m(id, conversation_id, author_id, kind, text, document_ids, client_id, at)
+            $8::timestamptz[], $9::jsonb[])
+    AS m(id, conversation_id, author_id, kind, text, document_ids, client_id, at, documents)
 ON CONFLICT (conversation_id, author_id, client_id) DO NOTHING
 RETURNING id"""
 PG_FIRST_COPY = """
-SELECT id, conversation_id, author_id, kind, text, document_ids::text, client_id, created_at, edited_at, deleted_at
+SELECT id, conversation_id, author_id, kind, text, document_ids::text, client_id, created_at, edited_at, deleted_at,
+       documents::text
 FROM message WHERE conversation_id = $1 AND author_id = $2 AND client_id = $3"""
 # rows in user order, so two writers take the stream rows' locks in the same order and never deadlock
 PG_NUMBER_STREAMS = """
@@ -157,6 +190,10 @@ PG_INSERT_OUTBOX = """
 INSERT INTO outbox_event (id, type, aggregate_id, recipients, payload, created_at, updated_at)
 SELECT id, 'push', aggregate_id, recipients, payload, $4, $4
 FROM unnest($1::uuid[], $2::uuid[], $3::jsonb[], $5::jsonb[]) AS o(id, aggregate_id, recipients, payload)"""
+PG_FILE_ANALYSES = """
+UPDATE document d SET conversation_id = coalesce(d.conversation_id, f.conversation_id),
+                      inbox_status = coalesce(d.inbox_status, 'new')
+FROM unnest($1::uuid[], $2::uuid[]) AS f(document_id, conversation_id) WHERE d.id = f.document_id"""
 
 
 @asynccontextmanager
@@ -199,7 +236,7 @@ class PgSendStore:
             PG_INSERT_MESSAGES, [m.id for m in messages], [m.conversation_id for m in messages],
             [m.author_id for m in messages], [m.kind for m in messages], [m.text for m in messages],
             [_json(m.document_ids) for m in messages], [m.client_id for m in messages],
-            [m.created_at for m in messages], timeout=self.timeout)
+            [m.created_at for m in messages], [_json(m.documents) for m in messages], timeout=self.timeout)
         return {row[0] for row in rows}
 
     async def first_copy(self, send: Send) -> MessageOut:
@@ -208,7 +245,8 @@ class PgSendStore:
         assert row is not None
         return MessageOut(id=row[0], conversation_id=row[1], author_id=row[2], kind=row[3], text=row[4],
                           document_ids=msgspec.json.decode(row[5]), client_id=row[6], created_at=row[7],
-                          edited_at=row[8], deleted=row[9] is not None)
+                          edited_at=row[8], deleted=row[9] is not None,
+                          documents=msgspec.json.decode(row[10], type=ATTACHED))
 
     async def delete_messages(self, ids: list[UUID]) -> None:
         await self.connection.execute("DELETE FROM message WHERE id = ANY($1::uuid[])", ids, timeout=self.timeout)
@@ -236,3 +274,8 @@ class PgSendStore:
                 PG_INSERT_OUTBOX, [uuid7() for _ in pushes], [p[0] for p in pushes],
                 [_json(p[1]) for p in pushes], dt.datetime.now(dt.UTC), [_json(p[2]) for p in pushes],
                 timeout=self.timeout)
+
+    async def file_analyses(self, filed: list[tuple[UUID, UUID]]) -> None:
+        if filed:
+            await self.connection.execute(PG_FILE_ANALYSES, [d for d, _ in filed], [c for _, c in filed],
+                                          timeout=self.timeout)

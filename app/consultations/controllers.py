@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app import params, timeparams
 from app.access import ADMINS, BOOKERS_FOR_OTHERS, PATIENTS, SPECIALIST_ROLES, Viewer, require_roles, signed_in
 from app.accounts.controllers import parse_cursor
+from app.audit.service import audit_trail
 from app.chat.schemas import ConversationOut, ExtendIn
 from app.consultations.models import AnalysisOrder, Conclusion, Consultation, Rating
 from app.consultations.schemas import (
@@ -180,7 +181,8 @@ class ConsultationController(Controller):
     async def read_conclusion(self, request: Request[Viewer, Any, Any],
                               consultations: NamedDependency[ConsultationService],
                               consultation_id: FromPath[UUID]) -> ConclusionOut:
-        return conclusion_out(*await consultations.read_conclusion(request.user, consultation_id))
+        return conclusion_out(*await consultations.read_conclusion(request.user, consultation_id,
+                                                                   audit=audit_trail(request)))
 
     @post("/{consultation_id:uuid}/chat/extend", status_code=200, guards=[require_roles(*SPECIALIST_ROLES)])
     async def extend_chat(self, request: Request[Viewer, Any, Any], consultations: NamedDependency[ConsultationService],

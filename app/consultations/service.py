@@ -17,11 +17,14 @@ from uuid_utils.compat import uuid7
 from app import access, outbox
 from app.access import Role, Viewer
 from app.accounts.service import AccountService
+from app.audit.service import AuditTrail
 from app.chat.service import ChatService, Window
 from app.consultations.lifecycle import ENDED, OPEN_FOR_CHAT, STATUS_PHRASES, TIMING_DETAILS, TRANSITIONS, Party
 from app.consultations.models import AnalysisOrder, Conclusion, Consultation, Rating
 from app.consultations.schemas import AnalysisStatus, BookIn, ConclusionIn, Format, PayIn, RatingIn, Status
+from app.documents.grants import card_granted
 from app.errors import Conflict, Forbidden, Invalid, NotVisible, Unavailable
+from app.notifications import reminders
 from app.payments.models import Payment
 from app.payments.service import PaymentService
 from app.scheduling.service import SchedulingService
@@ -134,6 +137,7 @@ class ConsultationService:
             raise Conflict("the slot is already taken", "slot_taken") from exc
         if status is Status.CONFIRMED:
             await self.chat.open_window(conversation.id, visit.id, visit.ends_at)
+        await reminders.schedule(self.session, self.settings, visit.id, visit.starts_at)
         await self._announce(visit, "booked")
         return visit
 
@@ -174,15 +178,20 @@ class ConsultationService:
         return access.is_clinician(viewer) and await in_care(self.session, viewer.id, patient_id,
                                                              self.settings.care_after_days)
 
-    async def patient_card(self, viewer: Viewer, patient_id: UUID) -> dict[str, Any]:
+    async def patient_card(self, viewer: Viewer, patient_id: UUID, *, audit: AuditTrail | None = None
+                           ) -> dict[str, Any]:
         """The card, masked for the caller: their own or a dependent's, the front desk's, or a clinician's
-        in care of the patient; anyone else gets 404."""
+        in care of the patient; anyone else gets 404. A staff read is audited (whatever the mask lets through:
+        that a person is the clinic's patient is a secret too)."""
         patient = await self.accounts.patient(patient_id)
         own = patient.id == viewer.id or patient.guardian_id == viewer.id
-        # methodists read no card by id: the documents inbox is to grant those of patients behind an analysis
-        # in it, here, as one more reason to read beside care
-        if not own and not access.may_read_any_card(viewer) and not await self.in_care(viewer, patient.id):
+        # methodists read no card by id: the documents inbox grants those of patients behind an analysis in it,
+        # and a forwarded analysis its patient's to the specialist it went to (app/documents/grants.py)
+        if not own and not access.may_read_any_card(viewer) and not await self.in_care(viewer, patient.id) \
+                and not await card_granted(self.session, viewer, patient.id):
             raise NotVisible("patient not found")
+        if audit is not None:
+            audit.read("card.read", "patient", patient.id, patient.id, own=own)
         return self.accounts.masked_card(viewer, patient)
 
     async def _party(self, viewer: Viewer, visit: Consultation) -> Party:
@@ -260,6 +269,8 @@ class ConsultationService:
             await self.chat.open_window(visit.conversation_id, visit.id, visit.ends_at)
         elif rule.target in ENDED:
             await self.chat.close_window(visit.id)
+        if rule.target in ENDED:
+            await reminders.drop(self.session, visit.id)
         if rule.target is Status.CANCELLED:
             await self.scheduling.release(visit.slot_id, visit.id)
             if visit.paid:  # given back: by the provider after the commit, or by the front desk
@@ -408,7 +419,8 @@ class ConsultationService:
             await self.chat.announce(visit.conversation_id, "notice", notice, patient_side=True)
         return conclusion, orders
 
-    async def read_conclusion(self, viewer: Viewer, consultation_id: UUID) -> tuple[Conclusion, list[AnalysisOrder]]:
+    async def read_conclusion(self, viewer: Viewer, consultation_id: UUID, *, audit: AuditTrail | None = None,
+                              ) -> tuple[Conclusion, list[AnalysisOrder]]:
         visit = await self.session.get(Consultation, consultation_id)
         conclusion = await self.session.scalar(select(Conclusion).where(Conclusion.consultation_id == consultation_id))
         if visit is None or conclusion is None:
@@ -418,6 +430,8 @@ class ConsultationService:
         if not access.conclusion_visible(viewer, author_id=conclusion.author_id, author_role=conclusion.author_role,
                                          own_patient=party.for_patient, in_care=care):
             raise NotVisible("conclusion not found")
+        if audit is not None:
+            audit.read("conclusion.read", "conclusion", conclusion.id, visit.patient_id, own=party.for_patient)
         orders = (await self.session.scalars(select(AnalysisOrder).where(
             AnalysisOrder.conclusion_id == conclusion.id).order_by(AnalysisOrder.id))).all()
         return conclusion, list(orders)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -55,8 +56,10 @@ async def servers(settings: Settings, count: int = 1, **extra: str) -> AsyncIter
             urls.append(f"http://127.0.0.1:{port}")
             PIDS[urls[-1]] = procs[-1].pid
         async with httpx.AsyncClient() as http:
+            # a generous wait: on a busy machine importing the app alone takes seconds
+            deadline = time.monotonic() + 60
             for url, proc in zip(urls, procs, strict=True):
-                for _ in range(300):
+                while time.monotonic() < deadline:
                     if proc.poll() is not None:
                         raise RuntimeError(f"server {url} exited with {proc.returncode}")
                     try:

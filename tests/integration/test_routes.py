@@ -33,9 +33,11 @@ async def test_public_routes_are_only_the_login_steps(client: AsyncTestClient[An
         route.path for route in client.app.routes for handler in handlers_of(route)
         if handler.opt.get("exclude_from_auth") and not route.path.startswith(SERVICE_PREFIXES)
     )
-    # the login steps, the catalogue a patient or partner browses before signing in, and the payment
-    # provider's notifications (trusted for nothing: each is checked back with the provider)
+    # the login steps, the catalogue a patient or partner browses before signing in, the payment
+    # provider's notifications (trusted for nothing: each is checked back with the provider), and the local
+    # object store's signed URLs (GET and PUT: the signature is the credential, checked by the store)
     assert public == ["/api/v1/auth/otp", "/api/v1/auth/refresh", "/api/v1/auth/token",
+                      "/api/v1/objects/{key:path}", "/api/v1/objects/{key:path}",
                       "/api/v1/payments/yookassa/notifications", "/api/v1/services",
                       "/api/v1/slots/feed", "/api/v1/specialists", "/api/v1/specialties"]
 

@@ -1,0 +1,351 @@
+"""The bytes of documents: presigned and direct uploads, their checks, downloads, and dropping stale uploads.
+
+Who may upload or see what is DocumentService's (app/documents/service.py); this module moves and checks bytes
+through the object store (app/documents/storage.py) and never holds a whole file in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+from collections.abc import AsyncIterator
+from uuid import UUID
+
+import msgspec
+from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.access import Role, Viewer
+from app.accounts.service import utcnow
+from app.audit.service import AuditTrail
+from app.db import Database
+from app.documents.checks import SNIFF_BYTES, NotAllowed, PdfScanner, TooLarge, check_type, family_of
+from app.documents.models import Document
+from app.documents.schemas import DocumentIn
+from app.documents.service import DocumentService
+from app.documents.storage import STORE_ERRORS, ObjectStore, ObjectWriter, new_key, safe_filename
+from app.errors import Conflict, DomainError, Invalid, NotVisible
+from app.settings import Settings
+
+log = logging.getLogger("app.documents")
+SCAN_CHUNK = 1024 * 1024  # a stored PDF is read back in chunks of this size to be scanned
+FIELD_MAX = 1024  # a form field besides the file (ids, kind, filename...) is short
+FIELDS = frozenset({"patient_id", "kind", "filename", "content_type", "size", "consultation_id"})
+EXPIRED = "upload_expired"
+
+
+class DirectIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The form fields of a direct upload; `size` is optional there (the bytes say it), checked when given."""
+
+    patient_id: UUID
+    kind: str
+    filename: str = ""
+    content_type: str = ""
+    size: int | None = None
+    consultation_id: UUID | None = None
+
+
+def refusal(reason: str) -> DomainError:
+    """The error a rejected document answers with, every time it is completed again."""
+    if reason in ("too_large", "size_mismatch"):
+        detail = "the file is larger than allowed" if reason == "too_large" else "the file is not the size declared"
+        return TooLarge(detail, reason)
+    if reason == EXPIRED:
+        return Conflict("the upload was not completed in time; start a new one", EXPIRED)
+    return NotAllowed("the file was refused", reason)
+
+
+def is_staff(viewer: Viewer) -> bool:
+    return any(role != Role.PATIENT for role in viewer.roles)
+
+
+class UploadService:
+    def __init__(self, session: AsyncSession, settings: Settings, store: ObjectStore, database: Database,
+                 documents: DocumentService) -> None:
+        self.session, self.settings, self.store, self.database = session, settings, store, database
+        self.documents = documents
+        self.max_bytes = settings.document_max_bytes
+
+    # --- what can be refused before any byte is sent -----------------------------------------------------------
+
+    async def _permit(self, viewer: Viewer, data: DocumentIn) -> str:
+        """Refuse what the declaration already shows; answers the role the caller uploads as (DocumentService
+        checks the patient, the kind and the consultation)."""
+        if data.size > self.max_bytes:
+            raise TooLarge(f"files are limited to {self.max_bytes} bytes", "too_large")
+        family_of(data.content_type)
+        return await self.documents.may_upload(viewer, data.patient_id, data.kind, data.consultation_id)
+
+    def _new(self, viewer: Viewer, data: DocumentIn, role: str) -> Document:
+        document = Document(patient_id=data.patient_id, kind=data.kind, filename=safe_filename(data.filename),
+                            content_type=data.content_type.split(";")[0].strip().lower(), size=data.size,
+                            status="pending", author_id=viewer.id, author_role=role,
+                            consultation_id=data.consultation_id, storage_key=new_key())
+        self.session.add(document)
+        return document
+
+    # --- presigned upload --------------------------------------------------------------------------------------
+
+    async def create(self, viewer: Viewer, data: DocumentIn, origin: str) -> tuple[Document, str, dict[str, str]]:
+        """A pending document and the URL its bytes go to (bound to the declared type and size)."""
+        role = await self._permit(viewer, data)
+        document = self._new(viewer, data, role)
+        await self.session.flush()
+        url, headers = await self.store.presign_put(document.storage_key, document.content_type, document.size,
+                                                    origin)
+        return document, url, headers
+
+    async def complete(self, viewer: Viewer, document_id: UUID) -> Document:
+        """Check what was uploaded; ready, or rejected (object removed) with the reason. Twice: the same answer."""
+        document = await self.documents.visible(viewer, document_id)
+        if document.author_id != viewer.id:
+            raise NotVisible("document not found")  # only its uploader completes an upload
+        if document.status == "ready":
+            return document
+        if document.status == "rejected":
+            raise refusal(document.reject_reason or "type_mismatch")
+        await self.session.commit()  # nothing written yet: no connection held while the object is read back
+        size = await self.store.head(document.storage_key)
+        if size is None:
+            raise Conflict("nothing was uploaded to the URL yet", "upload_missing")
+        try:
+            if size > self.max_bytes:
+                raise TooLarge(f"files are limited to {self.max_bytes} bytes", "too_large")
+            if size != document.size:
+                raise TooLarge("the file is not the size declared", "size_mismatch")
+            family = check_type(await self.store.read_range(document.storage_key, 0, SNIFF_BYTES),
+                                document.content_type)
+            if family == "pdf":
+                scanner = PdfScanner(self.settings.document_scan_inflate_bytes)
+                async for chunk in self.store.stream(document.storage_key, SCAN_CHUNK):
+                    scanner.feed(chunk)
+                scanner.finish()
+        except (TooLarge, NotAllowed) as refused:
+            await self._reject(document, str(refused.extra["reason"]))
+            raise
+        # a concurrent complete (or the expiry sweep) may have decided meanwhile: the row lock orders them
+        await self.session.refresh(document, with_for_update=True)
+        if document.status == "ready":
+            return document
+        if document.status == "rejected":
+            raise refusal(document.reject_reason or EXPIRED)
+        await self.documents.became_ready(document)
+        return document
+
+    async def _reject(self, document: Document, reason: str) -> None:
+        """The object goes; the rejection is committed on its own, since the answer is an error and the
+        request's transaction rolls back."""
+        try:
+            await self.store.delete(document.storage_key)
+        except STORE_ERRORS:
+            log.exception("deleting a rejected upload failed", extra={"document_id": str(document.id)})
+        async with self.database.writer() as session:
+            await session.execute(update(Document).where(Document.id == document.id, Document.status == "pending")
+                                  .values(status="rejected", reject_reason=reason, completed_at=utcnow()))
+            await session.commit()
+
+    # --- direct (streamed) upload ------------------------------------------------------------------------------
+
+    async def direct(self, viewer: Viewer, content_type: str, body: AsyncIterator[bytes]) -> Document:
+        """A multipart form streamed from the request to storage as it comes: fields first, then `file`.
+
+        The type is checked on the first bytes, a PDF scanned on the way, the size capped as it grows; any
+        refusal aborts the storage upload, so nothing stays behind."""
+        kind, options = parse_options_header(content_type or "")
+        boundary = options.get("boundary")
+        if kind != "multipart/form-data" or not boundary:
+            raise Invalid("send a multipart/form-data body", "multipart_required")
+        upload = DirectUpload(self, viewer)
+        try:
+            parser = PushMultipartParser(boundary, max_header_size=4096, max_header_count=8, max_segment_count=16)
+            async for chunk in body:
+                for event in parser.parse(chunk):
+                    await upload.event(event)
+                if upload.done:
+                    break
+            else:
+                for event in parser.parse(b""):
+                    await upload.event(event)
+            return await upload.finish()
+        except MultipartError as exc:
+            await upload.abort()
+            raise Invalid("the multipart body is malformed", "multipart_malformed") from exc
+        except BaseException:
+            await upload.abort()
+            raise
+
+    # --- download ----------------------------------------------------------------------------------------------
+
+    async def download_url(self, viewer: Viewer, document_id: UUID, origin: str, audit: AuditTrail) -> str:
+        """A short-lived URL of a ready document the caller may see; staff downloads are audited."""
+        document = await self.documents.visible(viewer, document_id)
+        if document.status != "ready":
+            raise Conflict("the document is not ready", "not_ready")
+        audit.read("document.download", "document", document.id, document.patient_id, own=not is_staff(viewer))
+        return await self.store.presign_get(document.storage_key, document.filename, document.content_type, origin)
+
+
+class DirectUpload:
+    """The state of one streamed form: its fields, then the file going to storage."""
+
+    def __init__(self, uploads: UploadService, viewer: Viewer) -> None:
+        self.uploads, self.viewer = uploads, viewer
+        self.fields: dict[str, str] = {}
+        self.segment: MultipartSegment | None = None
+        self.value = bytearray()
+        self.data: DocumentIn | None = None
+        self.role = ""
+        self.key = ""
+        self.writer: ObjectWriter | None = None
+        self.head = bytearray()  # the first bytes, until the type is known
+        self.family: str | None = None
+        self.scanner: PdfScanner | None = None
+        self.declared_size: int | None = None  # optional here; checked against the bytes when given
+        self.done = False
+        self.stored = False
+
+    async def event(self, event: MultipartSegment | bytes | bytearray | None) -> None:
+        if isinstance(event, MultipartSegment):
+            if self.done:
+                raise Invalid("the file must be the form's last part", "file_not_last")
+            self.segment, self.value = event, bytearray()
+            if event.name == "file":
+                await self._start_file(event)
+            elif event.name not in FIELDS or event.name in self.fields:
+                raise Invalid(f"unexpected form field {event.name!r}", "invalid_input")
+        elif event is None:
+            if self.segment is not None and self.segment.name == "file":
+                await self._end_file()
+            elif self.segment is not None and self.segment.name is not None:
+                self.fields[self.segment.name] = self.value.decode("utf-8", "replace")
+            self.segment = None
+        elif self.segment is not None and self.segment.name == "file":
+            await self._file_bytes(bytes(event))
+        else:
+            self.value += event
+            if len(self.value) > FIELD_MAX:
+                raise Invalid("a form field is too long", "invalid_input")
+
+    async def _start_file(self, segment: MultipartSegment) -> None:
+        fields = dict(self.fields)
+        fields.setdefault("filename", segment.filename or "")
+        fields.setdefault("content_type", segment.content_type or "")
+        try:
+            given = msgspec.convert(fields, DirectIn, strict=False)
+        except msgspec.ValidationError as exc:
+            raise Invalid(f"invalid input: {exc}", "invalid_input") from exc
+        try:
+            self.data = msgspec.convert({**msgspec.structs.asdict(given), "size": given.size or 1}, DocumentIn)
+        except msgspec.ValidationError as exc:
+            raise Invalid(f"invalid input: {exc}", "invalid_input") from exc
+        self.declared_size = given.size
+        uploads = self.uploads
+        self.role = await uploads._permit(self.viewer, self.data)
+        # nothing is written until the bytes pass: the database connection is not held while the file streams
+        await uploads.session.commit()
+        self.key = new_key()
+        self.writer = await uploads.store.writer(self.key, self.data.content_type)
+
+    async def _file_bytes(self, data: bytes) -> None:
+        assert self.writer is not None
+        assert self.data is not None
+        if self.writer.written + len(self.head) + len(data) > self.uploads.max_bytes:
+            raise TooLarge(f"files are limited to {self.uploads.max_bytes} bytes", "too_large")
+        if self.family is None:
+            self.head += data
+            if len(self.head) < SNIFF_BYTES:
+                return
+            data, self.head = bytes(self.head), bytearray()
+            self._typed(data)
+        if self.scanner is not None:
+            self.scanner.feed(data)
+        await self.writer.write(data)
+
+    def _typed(self, head: bytes) -> None:
+        assert self.data is not None
+        self.family = check_type(head, self.data.content_type)
+        if self.family == "pdf":
+            self.scanner = PdfScanner(self.uploads.settings.document_scan_inflate_bytes)
+
+    async def _end_file(self) -> None:
+        assert self.writer is not None
+        if self.family is None:  # a file shorter than the sniffed prefix
+            data, self.head = bytes(self.head), bytearray()
+            self._typed(data)
+            if self.scanner is not None:
+                self.scanner.feed(data)
+            await self.writer.write(data)
+        if self.scanner is not None:
+            self.scanner.finish()
+        size = self.writer.written
+        if size == 0:
+            raise Invalid("the file is empty", "file_empty")
+        if self.declared_size is not None and self.declared_size != size:
+            raise TooLarge("the file is not the size declared", "size_mismatch")
+        await self.writer.finish()
+        self.stored, self.done = True, True
+
+    async def finish(self) -> Document:
+        if not self.done or self.data is None:
+            raise Invalid("the form has no file", "file_required")
+        uploads = self.uploads
+        document = uploads._new(self.viewer, msgspec.structs.replace(self.data, size=self.writer.written
+                                                                     if self.writer else 0), self.role)
+        document.storage_key = self.key
+        await uploads.documents.became_ready(document)  # its flush inserts the row, already ready
+        return document
+
+    async def abort(self) -> None:
+        """Nothing stays: the storage upload aborted, or the stored object removed (the row is rolled back)."""
+        if self.writer is not None and not self.stored:
+            await self.writer.abort()
+        elif self.stored:
+            with contextlib.suppress(*STORE_ERRORS):
+                await self.uploads.store.delete(self.key)
+
+
+# --- uploads never completed --------------------------------------------------------------------------------------
+
+
+async def expire_pending(database: Database, store: ObjectStore, older_than: dt.timedelta,
+                         batch: int = 100) -> int:
+    """Pending documents older than `older_than` become rejected (`upload_expired`) and their objects go.
+
+    Each row is claimed by a conditional update (still pending): of two instances sweeping at once, one wins
+    each row and deletes its object, the other skips it. The row stays (rejected) so a late complete answers
+    why."""
+    cutoff = utcnow() - older_than
+    async with database.reader() as session:
+        rows = (await session.execute(select(Document.id, Document.storage_key).where(
+            Document.status == "pending", Document.created_at < cutoff).order_by(Document.created_at)
+            .limit(batch))).all()
+    expired = 0
+    for document_id, key in rows:
+        async with database.writer() as session:
+            claimed = await session.execute(update(Document).where(Document.id == document_id,
+                                                                   Document.status == "pending")
+                                            .values(status="rejected", reject_reason=EXPIRED, completed_at=utcnow()))
+            await session.commit()
+        if claimed.rowcount == 1:  # type: ignore[attr-defined]
+            expired += 1
+            try:
+                await store.delete(key)
+            except STORE_ERRORS:
+                log.exception("deleting an expired upload failed", extra={"document_id": str(document_id)})
+    return expired
+
+
+async def keep_pending_clean(database: Database, store: ObjectStore, settings: Settings) -> None:
+    """Runs for the process's life (app/main.py): sweeps uploads never completed."""
+    older_than = dt.timedelta(seconds=settings.document_pending_seconds)
+    interval = min(max(settings.document_pending_seconds / 2, 0.2), 300.0)
+    while True:
+        try:
+            while await expire_pending(database, store, older_than) > 0:
+                pass  # a full batch: there may be more
+        except Exception:  # a passing database or storage hiccup must not end the loop
+            log.exception("expiring pending uploads failed")
+        await asyncio.sleep(interval)

@@ -1,0 +1,344 @@
+"""The outbox worker: from a commit to its push arriving at FCM, and how fast one worker drains a backlog.
+
+    python -m tests.harness python -m bench.notifications [--seconds 10] [--rates 100,1000] [--backlog 50000]
+
+A fresh PostgreSQL database with 1,000 patients, each with an Android device. One `python -m app worker` process
+sends through the app's real FCM sender (firebase-admin) to a fast FCM stand-in of this file (uvicorn, a process
+of its own, noting when each push arrives). This process commits outbox rows as the app does (outbox.stage, the
+wake-up over Redis after the commit), at each rate for the given seconds, in commits every 10 ms (as a busy API's
+requests would), and reports, per rate, p50/p99/max of commit-to-arrival. Then the worker is stopped, a backlog is
+written, the worker started again, and the rows per second it drains are reported (first to last arrival).
+One JSON line at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import msgspec
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from redis.asyncio import Redis
+
+from app import outbox
+from app.db import Database
+from app.notifications.worker import RedisNudge
+from app.settings import Settings
+from bench.common import (
+    HOST,
+    ROOT,
+    create_database,
+    drop_database,
+    free_port,
+    latency_summary,
+    pg_dsn,
+    run_benchmark,
+    stop_server,
+    tail,
+)
+
+PROJECT = "bench-project"
+TICK = 0.01  # commits every 10 ms
+
+
+# --- the FCM stand-in (run as `python -m bench.notifications standin PORT`) ------------------------
+
+
+def standin_app() -> Any:
+    arrivals: list[tuple[str, float]] = []
+    decoder = msgspec.json.Decoder()
+
+    async def read(receive: Any) -> bytes:
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                return body
+
+    async def answer(send: Any, status: int, payload: bytes) -> None:
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        body = await read(receive)
+        if path == "/token":
+            await answer(send, 200, b'{"access_token": "ya29.bench", "expires_in": 3599, "token_type": "Bearer"}')
+        elif path.endswith("/messages:send"):
+            at = time.time()
+            message = decoder.decode(body)["message"]
+            arrivals.append((message["android"]["collapse_key"], at))
+            await answer(send, 200, b'{"name": "projects/bench-project/messages/1"}')
+        elif path == "/arrivals":
+            start = int(scope["query_string"].decode().partition("=")[2] or 0)
+            await answer(send, 200, msgspec.json.encode(arrivals[start:]))
+        else:
+            await answer(send, 404, b"{}")
+
+    return app
+
+
+def serve_standin(port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(standin_app(), host=HOST, port=port, log_level="warning", access_log=False, lifespan="off")
+
+
+# --- the benchmark -------------------------------------------------------------------------------
+
+
+def service_account(path: Path, token_uri: str) -> Path:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()).decode()
+    path.write_text(json.dumps({"type": "service_account", "project_id": PROJECT, "private_key_id": "bench",
+                                "private_key": pem, "client_email": f"push@{PROJECT}.iam.gserviceaccount.com",
+                                "client_id": "1", "token_uri": token_uri}))
+    return path
+
+
+async def people(dsn: str, count: int) -> list[uuid.UUID]:
+    connection = await asyncpg.connect(dsn)
+    try:
+        ids = [uuid.uuid4() for _ in range(count)]
+        now = dt.datetime.now(dt.UTC)
+        await connection.executemany(
+            "INSERT INTO user_account (id, full_name, timezone, roles, specialties, is_staff, active, questionnaire,"
+            " created_at, updated_at) VALUES ($1, '', 'Europe/Moscow', '[\"patient\"]', '[]', false, true, '{}',"
+            " $2, $2)", [(i, now) for i in ids])
+        await connection.executemany(
+            "INSERT INTO device (id, user_id, platform, push_token, push_token_hash, created_at, updated_at)"
+            " VALUES ($1, $2, 'android', $3, $4, $5, $5)",
+            [(uuid.uuid4(), i, f"token-{i.hex}", secrets.token_hex(32), now) for i in ids])
+        return ids
+    finally:
+        await connection.close()
+
+
+class Standin:
+    """Where pushes arrive: the FCM stand-in (asked over HTTP), or the log file LogPush writes (no provider)."""
+
+    def __init__(self, port: int, log: Path | None = None) -> None:
+        self.url = f"http://{HOST}:{port}"
+        self.log = log
+        self.seen = 0
+        self.arrived: dict[str, float] = {}
+        self.client = httpx.AsyncClient(base_url=self.url, timeout=10)
+
+    async def poll(self) -> int:
+        if self.log is not None:
+            return self._read_log()
+        answer = await self.client.get("/arrivals", params={"since": self.seen})
+        fresh = answer.json()
+        self.seen += len(fresh)
+        for key, at in fresh:
+            self.arrived.setdefault(key, at)
+        return len(fresh)
+
+    def _read_log(self) -> int:
+        assert self.log is not None
+        if not self.log.exists():
+            return 0
+        with self.log.open("rb") as f:
+            f.seek(self.seen)
+            chunk = f.read()
+        whole = chunk[:chunk.rfind(b"\n") + 1]
+        self.seen += len(whole)
+        lines = whole.splitlines()
+        for line in lines:
+            entry = json.loads(line)
+            self.arrived.setdefault(entry["collapse_key"], dt.datetime.fromisoformat(entry["sent_at"]).timestamp())
+        return len(lines)
+
+    async def wait_for(self, keys: set[str], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not keys <= self.arrived.keys():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{len(keys - self.arrived.keys())} pushes did not arrive within {timeout}s")
+            await self.poll()
+            await asyncio.sleep(0.1)
+
+
+def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "app", "worker"], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
+async def produce(database: Database, users: list[uuid.UUID], rate: int, seconds: float) -> dict[str, float]:
+    """Commit `rate` rows a second for `seconds`, in a commit per tick; the commit time of each row's id."""
+    committed: dict[str, float] = {}
+    per_tick = max(1, round(rate * TICK))
+    loop = asyncio.get_running_loop()
+    ticks = int(seconds / TICK)
+    start = loop.time()
+    pending: set[asyncio.Task[None]] = set()
+
+    async def commit(n: int) -> None:
+        async with database.writer() as session:
+            for k in range(per_tick):
+                user = users[(n * per_tick + k) % len(users)]
+                outbox.stage(session, "notice", uuid.uuid4(), [str(user)], {"kind": "conclusion_ready"})
+            rows = list(session.new)  # their ids are set at the flush
+            await session.commit()
+            at = time.time()
+        for row in rows:
+            committed[row.id.hex] = at
+
+    for n in range(ticks):
+        delay = start + n * TICK - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(commit(n))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    await asyncio.gather(*pending)
+    return committed
+
+
+async def backlog_rows(dsn: str, users: list[uuid.UUID], count: int) -> None:
+    connection = await asyncpg.connect(dsn)
+    try:
+        now = dt.datetime.now(dt.UTC)
+        await connection.copy_records_to_table(
+            "outbox_event", columns=["id", "type", "aggregate_id", "recipients", "payload", "created_at", "updated_at",
+                                     "next_attempt_at", "attempts"],
+            records=[(uuid.uuid4(), "notice", uuid.uuid4(), json.dumps([str(users[i % len(users)])]),
+                      '{"kind": "conclusion_ready"}', now, now, now, 0) for i in range(count)])
+    finally:
+        await connection.close()
+
+
+async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    postgres_url, redis_url = os.environ["TEST_POSTGRES_URL"], os.environ["TEST_REDIS_URL"]
+    name, url = await create_database(postgres_url)
+    dsn = pg_dsn(postgres_url, name)
+    port = free_port()
+    standin_log = tmp / "standin.log"
+    with standin_log.open("wb") as out:
+        standin_proc = subprocess.Popen([sys.executable, "-m", "bench.notifications", "standin", str(port)],
+                                        cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    fcm = Standin(port)
+    credentials = service_account(tmp / "service-account.json", f"{fcm.url}/token")
+    base_env = {**os.environ, "DATABASE_URL": url, "REDIS_URL": redis_url, "LOG_LEVEL": "WARNING", **dict(args.env)}
+    redis = Redis.from_url(redis_url)
+    settings = Settings(database_url=url, redis_url=redis_url, data_dir=str(tmp / "data"),
+                        jwt_keys=f"k1={secrets.token_urlsafe(36)}", secret_key=secrets.token_urlsafe(36))
+    database = Database(settings)
+    stop_nudging = outbox.on_commit(RedisNudge(redis))
+    result: dict[str, Any] = {}
+    try:
+        users = await people(dsn, 1000)
+        for _ in range(300):
+            try:
+                await fcm.poll()
+                break
+            except httpx.TransportError:
+                await asyncio.sleep(0.1)
+        for sender in args.senders:
+            if sender == "fcm":
+                standin = fcm
+                env = {**base_env, "DATA_DIR": str(tmp / "fcm"), "FCM_CREDENTIALS": str(credentials),
+                       "FCM_ENDPOINT": fcm.url}
+            else:  # no provider: LogPush, the worker's own cost
+                standin = Standin(port, tmp / "log" / "push.log")
+                env = {**base_env, "DATA_DIR": str(tmp / "log")}
+            print(f"sender {sender}:", flush=True)
+            result[sender] = await measure(args, env, tmp / f"worker-{sender}.log", standin, database, dsn, users)
+    finally:
+        stop_nudging()
+        stop_server(standin_proc)
+        await fcm.client.aclose()
+        await database.dispose()
+        await redis.aclose()
+        await drop_database(postgres_url, name)
+    return result
+
+
+async def measure(args: argparse.Namespace, env: dict[str, str], worker_log: Path, standin: Standin,
+                  database: Database, dsn: str, users: list[uuid.UUID]) -> dict[str, Any]:
+    result: dict[str, Any] = {"rates": []}
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        worker = start_worker(env, worker_log)
+        warm = await produce(database, users, 50, 2.0)  # the worker starts, connects, gets its FCM token
+        await standin.wait_for(set(warm), 90)
+        for rate in args.rates:
+            committed = await produce(database, users, rate, args.seconds)
+            await standin.wait_for(set(committed), 120)
+            latencies = [standin.arrived[k] - t for k, t in committed.items()]
+            summary = {"rate_per_s": rate, "events": len(committed), **latency_summary(latencies)}
+            result["rates"].append(summary)
+            print(f"{rate:>5} events/s: commit -> push p50 {summary['p50_ms']} ms, p99 {summary['p99_ms']} ms, "
+                  f"max {summary['max_ms']} ms ({len(committed)} events)", flush=True)
+        stop_server(worker)
+        worker = None
+        await backlog_rows(dsn, users, args.backlog)
+        before = len(standin.arrived)
+        worker = start_worker(env, worker_log)
+        deadline = time.monotonic() + 600
+        while len(standin.arrived) - before < args.backlog:
+            if time.monotonic() > deadline or worker.poll() is not None:
+                raise RuntimeError(f"backlog not drained:\n{tail(worker_log)}")
+            await standin.poll()
+            await asyncio.sleep(0.2)
+        times = sorted(list(standin.arrived.values())[before:])
+        drained = round(args.backlog / max(times[-1] - times[0], 1e-6))
+        result["backlog"] = {"rows": args.backlog, "rows_per_s": drained, "seconds": round(times[-1] - times[0], 2)}
+        print(f"backlog of {args.backlog}: {drained} rows/s on one worker ({times[-1] - times[0]:.1f} s)", flush=True)
+    finally:
+        if worker is not None:
+            stop_server(worker)
+    return result
+
+
+def rate_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError("expected numbers like 100,1000") from exc
+    if not values or any(not 1 <= v <= 10_000 for v in values):
+        raise argparse.ArgumentTypeError("each in [1, 10000]")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["standin"]:
+        serve_standin(int(argv[1]))
+        return 0
+    p = argparse.ArgumentParser(prog="python -m bench.notifications", description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per rate (default 10)")
+    p.add_argument("--rates", type=rate_list, default=[100, 1000], help="events per second (default 100,1000)")
+    p.add_argument("--backlog", type=int, default=50_000, help="rows in the backlog (default 50000)")
+    p.add_argument("--senders", type=lambda t: [v for v in t.split(",") if v in ("fcm", "log")], default=["fcm", "log"],
+                   help="fcm (firebase-admin to the stand-in) and/or log (LogPush: the worker alone)")
+    p.add_argument("--env", type=lambda t: tuple(t.split("=", 1)), action="append", default=[],
+                   help="NAME=VALUE for the worker (e.g. OUTBOX_BATCH_SIZE=1000)")
+    args = p.parse_args(argv)
+    result = run_benchmark(lambda tmp, _loop: run(args, tmp))
+    if result is None:
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
