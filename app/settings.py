@@ -42,7 +42,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     document_pending_seconds: int = 3600  # an upload never completed is dropped (object deleted) after this
     # a PDF's object streams are inflated to look for scripts in them; past this many inflated bytes the file
     # is refused (415 pdf_unscannable) rather than scanned without bound (a compression bomb)
-    document_scan_inflate_bytes: int = 64 * 1024 * 1024
+    document_scan_inflate_bytes: int = 16 * 1024 * 1024
 
     default_region: str = "RU"  # how phone numbers without a country code are read
     clinic_timezone: str = "Europe/Moscow"

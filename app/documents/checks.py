@@ -90,6 +90,9 @@ HEX_ESCAPE = re.compile(rb"#([0-9A-Fa-f]{2})")
 TOKEN = re.compile(rb"%|\(|(?<![A-Za-z])obj(?![A-Za-z])|(?<![A-Za-z])stream(?:\r\n|\n|\r)|" + NAME.pattern)
 STRING_TOKEN = re.compile(rb"\\.|[()]", re.DOTALL)
 FILTER = re.compile(rb"/Filter\s*(?:/([^\s/\[\]<>()]+)|\[([^\]]*)\])")
+# a stream's type or filters given by reference (`/Filter 9 0 R`) are resolved by readers, not by a scan: such a
+# stream could be a compressed object stream this scanner would take for plain data
+INDIRECT = re.compile(rb"/(?:Type|Subtype|Filter|DecodeParms)\s*\d+\s+\d+\s+R")
 EOL = re.compile(rb"[\r\n]")
 ENDSTREAM = b"endstream"
 CARRY = 256  # bytes held back at a chunk's end: a name (127 at most) or a keyword may continue in the next one
@@ -191,6 +194,8 @@ class PdfScanner:
             raise unscannable()
         dictionary = decode_name(b"".join(self._dict))
         self._forget()
+        if INDIRECT.search(dictionary):
+            raise unscannable()
         self._mode = "skip"
         if b"/ObjStm" not in dictionary:
             return

@@ -41,6 +41,23 @@ def new_key(prefix: str = "documents") -> str:
     return f"{prefix}/{uuid.uuid4().hex}"
 
 
+# A presigned URL stays usable until it expires, so the key it writes is never the key a checked document is
+# served from: the bytes are PUT to `uploads/<hex>` and moved to `documents/<hex>` (which no URL names) before
+# they are checked. The document row keeps the final key; the upload key is derived from it.
+UPLOAD_PREFIX, FINAL_PREFIX = "uploads", "documents"
+
+
+def upload_key(final_key: str) -> str:
+    """Where the presigned URL of the document stored under `final_key` writes."""
+    return f"{UPLOAD_PREFIX}/{final_key.rsplit('/', 1)[-1]}"
+
+
+def final_key_of(key: str) -> str | None:
+    """The final key an upload key moves to; None for any other key."""
+    prefix, _, digest = key.partition("/")
+    return f"{FINAL_PREFIX}/{digest}" if prefix == UPLOAD_PREFIX else None
+
+
 class ObjectWriter(Protocol):
     """A streamed put: chunks in order, then `finish` (the object appears) or `abort` (nothing stays)."""
 
@@ -82,6 +99,10 @@ class ObjectStore(Protocol):
 
     async def delete(self, key: str) -> None:
         """Remove the object; no error when it is already gone."""
+
+    async def move(self, src: str, dst: str) -> bool:
+        """Move the object at `src` to `dst`, never replacing an object already at `dst` (what was checked there
+        stays what was checked). False, and nothing changes, when `src` has no object or `dst` already has one."""
 
     async def writer(self, key: str, content_type: str) -> ObjectWriter: ...
 
@@ -200,6 +221,20 @@ class LocalDiskStore:
 
     async def delete(self, key: str) -> None:
         await asyncio.to_thread(self.path(key).unlink, missing_ok=True)
+
+    async def move(self, src: str, dst: str) -> bool:
+        source, target = self.path(src), self.path(dst)
+
+        def move() -> bool:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source, target)  # unlike os.replace, fails when the target exists: never overwrites
+            except (FileNotFoundError, FileExistsError):
+                return False
+            source.unlink(missing_ok=True)
+            return True
+
+        return await asyncio.to_thread(move)
 
     async def writer(self, key: str, content_type: str) -> LocalWriter:
         target = self.path(key)
@@ -367,6 +402,34 @@ class S3Store:
 
     async def delete(self, key: str) -> None:
         await self.run(self._client.delete_object, Bucket=self.bucket, Key=key)
+
+    async def move(self, src: str, dst: str) -> bool:
+        def move() -> bool:
+            # a server-side copy (the bytes never come here), encrypted like every other write; If-None-Match
+            # keeps an object already at dst, and the head before it covers endpoints that ignore that header
+            if self._exists(dst):
+                return False
+            try:
+                self._client.copy_object(Bucket=self.bucket, Key=dst, CopySource={"Bucket": self.bucket, "Key": src},
+                                         MetadataDirective="COPY", IfNoneMatch="*", **self.sse)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound",
+                                                                  "PreconditionFailed", "412"):
+                    return False
+                raise
+            self._client.delete_object(Bucket=self.bucket, Key=src)
+            return True
+
+        return await self.run(move)
+
+    def _exists(self, key: str) -> bool:
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        return True
 
     async def writer(self, key: str, content_type: str) -> S3Writer:
         return S3Writer(self, key, content_type)

@@ -19,9 +19,9 @@ from app.access import PUBLIC, Viewer, signed_in
 from app.audit.service import audit_trail
 from app.documents.checks import TooLarge
 from app.documents.schemas import CreatedOut, DocumentIn, DocumentOut, UploadOut, document_out
-from app.documents.storage import LocalDiskStore, content_disposition
+from app.documents.storage import LocalDiskStore, content_disposition, final_key_of
 from app.documents.uploads import UploadService
-from app.errors import Forbidden, NotVisible
+from app.errors import Conflict, Forbidden, NotVisible
 from app.services import documents_for
 from app.settings import Settings
 
@@ -86,6 +86,11 @@ async def put_object(request: Request[Any, Any, Any], state: State, key: FromPat
     store, key = local_store(state), key.lstrip("/")
     content_type = request.headers.get("content-type", "")
     store.verify_put(key, content_type, size, expires, sig)
+    # a URL writes once: not over an upload already there, nor once its document's bytes have been moved (the
+    # move already keeps them out of reach; this refuses early). S3 cannot refuse; its move is what protects.
+    final = final_key_of(key)
+    if await store.head(key) is not None or (final is not None and await store.head(final) is not None):
+        raise Conflict("something was already uploaded to this URL; start a new upload", "already_uploaded")
     declared = int(size)
     length = request.headers.get("content-length")
     if length is not None and length != size:

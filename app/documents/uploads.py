@@ -26,7 +26,7 @@ from app.documents.checks import SNIFF_BYTES, NotAllowed, PdfScanner, TooLarge, 
 from app.documents.models import Document
 from app.documents.schemas import DocumentIn
 from app.documents.service import DocumentService
-from app.documents.storage import STORE_ERRORS, ObjectStore, ObjectWriter, new_key, safe_filename
+from app.documents.storage import STORE_ERRORS, ObjectStore, ObjectWriter, new_key, safe_filename, upload_key
 from app.errors import Conflict, DomainError, Invalid, NotVisible
 from app.settings import Settings
 
@@ -94,8 +94,9 @@ class UploadService:
         role = await self._permit(viewer, data)
         document = self._new(viewer, data, role)
         await self.session.flush()
-        url, headers = await self.store.presign_put(document.storage_key, document.content_type, document.size,
-                                                    origin)
+        # the URL writes the upload key, never the final one the document is served from (storage.upload_key)
+        url, headers = await self.store.presign_put(upload_key(document.storage_key), document.content_type,
+                                                    document.size, origin)
         return document, url, headers
 
     async def complete(self, viewer: Viewer, document_id: UUID) -> Document:
@@ -108,8 +109,17 @@ class UploadService:
         if document.status == "rejected":
             raise refusal(document.reject_reason or "type_mismatch")
         await self.session.commit()  # nothing written yet: no connection held while the object is read back
+        # the bytes leave the key the URL writes first, then are checked where no URL writes: a PUT racing the
+        # checks, or coming after them, cannot change what they saw. A move never replaces the final object, so
+        # a second complete checks the same bytes (and one that crashed after the move is retried here).
+        await self.store.move(upload_key(document.storage_key), document.storage_key)
         size = await self.store.head(document.storage_key)
-        if size is None:
+        if size is None:  # nothing uploaded, or a concurrent complete decided (and dropped a refused file)
+            await self.session.refresh(document)
+            if document.status == "ready":
+                return document
+            if document.status == "rejected":
+                raise refusal(document.reject_reason or EXPIRED)
             raise Conflict("nothing was uploaded to the URL yet", "upload_missing")
         try:
             if size > self.max_bytes:
@@ -121,8 +131,8 @@ class UploadService:
             if family == "pdf":
                 scanner = PdfScanner(self.settings.document_scan_inflate_bytes)
                 async for chunk in self.store.stream(document.storage_key, SCAN_CHUNK):
-                    scanner.feed(chunk)
-                scanner.finish()
+                    await asyncio.to_thread(scanner.feed, chunk)  # CPU work: off the event loop
+                await asyncio.to_thread(scanner.finish)
         except (TooLarge, NotAllowed) as refused:
             await self._reject(document, str(refused.extra["reason"]))
             raise
@@ -136,16 +146,17 @@ class UploadService:
         return document
 
     async def _reject(self, document: Document, reason: str) -> None:
-        """The object goes; the rejection is committed on its own, since the answer is an error and the
-        request's transaction rolls back."""
-        try:
-            await self.store.delete(document.storage_key)
-        except STORE_ERRORS:
-            log.exception("deleting a rejected upload failed", extra={"document_id": str(document.id)})
+        """The rejection is committed on its own (the answer is an error and the request's transaction rolls
+        back), then the object goes: only when this claimed the row, since a concurrent complete that made the
+        document ready serves those bytes."""
         async with self.database.writer() as session:
-            await session.execute(update(Document).where(Document.id == document.id, Document.status == "pending")
-                                  .values(status="rejected", reject_reason=reason, completed_at=utcnow()))
+            claimed = await session.execute(update(Document).where(Document.id == document.id,
+                                                                   Document.status == "pending")
+                                            .values(status="rejected", reject_reason=reason, completed_at=utcnow()))
             await session.commit()
+        if claimed.rowcount != 1:  # type: ignore[attr-defined]
+            return
+        await drop_objects(self.store, document.storage_key, document.id, "deleting a rejected upload failed")
 
     # --- direct (streamed) upload ------------------------------------------------------------------------------
 
@@ -261,7 +272,7 @@ class DirectUpload:
             data, self.head = bytes(self.head), bytearray()
             self._typed(data)
         if self.scanner is not None:
-            self.scanner.feed(data)
+            await asyncio.to_thread(self.scanner.feed, data)  # CPU work: off the event loop
         await self.writer.write(data)
 
     def _typed(self, head: bytes) -> None:
@@ -276,10 +287,10 @@ class DirectUpload:
             data, self.head = bytes(self.head), bytearray()
             self._typed(data)
             if self.scanner is not None:
-                self.scanner.feed(data)
+                await asyncio.to_thread(self.scanner.feed, data)
             await self.writer.write(data)
         if self.scanner is not None:
-            self.scanner.finish()
+            await asyncio.to_thread(self.scanner.finish)
         size = self.writer.written
         if size == 0:
             raise Invalid("the file is empty", "file_empty")
@@ -331,11 +342,17 @@ async def expire_pending(database: Database, store: ObjectStore, older_than: dt.
             await session.commit()
         if claimed.rowcount == 1:  # type: ignore[attr-defined]
             expired += 1
-            try:
-                await store.delete(key)
-            except STORE_ERRORS:
-                log.exception("deleting an expired upload failed", extra={"document_id": str(document_id)})
+            await drop_objects(store, key, document_id, "deleting an expired upload failed")
     return expired
+
+
+async def drop_objects(store: ObjectStore, key: str, document_id: UUID, failure: str) -> None:
+    """A refused or expired document's objects: where its URL wrote, and where a complete moved the bytes."""
+    for each in (upload_key(key), key):
+        try:
+            await store.delete(each)
+        except STORE_ERRORS:
+            log.exception(failure, extra={"document_id": str(document_id), "key": each})
 
 
 async def keep_pending_clean(database: Database, store: ObjectStore, settings: Settings) -> None:

@@ -80,7 +80,7 @@ class ApnsVoip:
             return Outcome.SENT
         reason = _reason(response)
         if response.status_code == 410 or reason in GONE_REASONS:
-            return Outcome.GONE
+            return Outcome.VOIP_GONE  # only the VoIP token: the device's FCM token may well be alive
         if reason in STALE_TOKEN_REASONS:
             self._token = None  # sign a fresh one for the retry
             outcome = Outcome.RETRY

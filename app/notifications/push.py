@@ -41,6 +41,7 @@ class PushTarget:
 class Outcome(StrEnum):
     SENT = "sent"
     GONE = "gone"  # the provider says the token is dead: remove the device
+    VOIP_GONE = "voip_gone"  # APNs says the VoIP token is dead: forget it, keep the device's push token
     RETRY = "retry"  # transient failure or a lost answer: send again later with the same collapse key
     FAILED = "failed"  # refused for good (not the token's fault): do not retry
 

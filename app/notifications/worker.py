@@ -426,23 +426,29 @@ class OutboxWorker:
         pushes = [(i, j.push) for i, j in enumerate(jobs) if j.push is not None]
         texts = [(i, j.sms) for i, j in enumerate(jobs) if j.sms is not None]
         gate = asyncio.Semaphore(SMS_CONCURRENCY)
+        # every send of the pass ends within half the lease, so no other worker takes the rows over (and sends them
+        # again) while this one still waits; what has not gone by then is tried again later
+        deadline = asyncio.get_running_loop().time() + self.settings.outbox_lease_seconds / 2
 
         async def text(to: str, body: str) -> Outcome:
-            async with gate:
-                try:
+            try:
+                async with asyncio.timeout_at(deadline), gate:
                     await self.sms.send(to, body)
                     return Outcome.SENT
-                except Unavailable as exc:  # refused: retrying the same text will not help
-                    return Outcome.FAILED if exc.extra.get("reason") == "sms_failed" else Outcome.RETRY
-                except Exception:
-                    log.warning("sending a reminder SMS failed", exc_info=True)
-                    return Outcome.RETRY
+            except TimeoutError:  # not sent, or its answer lost: at most once more
+                log.warning("a reminder SMS did not go out within the lease")
+                return Outcome.RETRY
+            except Unavailable as exc:  # refused: retrying the same text will not help
+                return Outcome.FAILED if exc.extra.get("reason") == "sms_failed" else Outcome.RETRY
+            except Exception:
+                log.warning("sending a reminder SMS failed", exc_info=True)
+                return Outcome.RETRY
 
         async def push_all() -> list[Outcome]:
             if not pushes:
                 return []
-            try:  # within half the lease, so no other worker takes the rows over while this one waits
-                async with asyncio.timeout(self.settings.outbox_lease_seconds / 2):
+            try:
+                async with asyncio.timeout_at(deadline):
                     return list(await self.sender.send([p for _, p in pushes]))
             except TimeoutError:  # the answer is lost: sent again later with the same collapse key
                 log.warning("push provider did not answer in time", extra={"pushes": len(pushes)})
@@ -474,6 +480,11 @@ class OutboxWorker:
                     if o is Outcome.GONE and j.push is not None]
             if gone:
                 await session.execute(delete(Device).where(Device.id.in_(gone)))
+            voip_gone = [j.push[1].device_id for j, o in zip(plan.jobs, outcomes, strict=True)
+                         if o is Outcome.VOIP_GONE and j.push is not None]
+            if voip_gone:  # the phone still gets its other pushes; calls then ring through FCM
+                await session.execute(update(Device).where(Device.id.in_(voip_gone)).values(voip_token=None)
+                                      .execution_options(synchronize_session=False))
             for j, o in zip(plan.jobs, outcomes, strict=True):
                 if o is Outcome.SENT:
                     SENT.labels("push" if j.push is not None else "sms").inc()

@@ -20,6 +20,9 @@ PENDING = "dispatched_at IS NULL AND failed_at IS NULL"
 
 
 def upgrade() -> None:
+    # events written before there was a worker were never meant to reach phones now (a message read months ago, a
+    # visit long over): they count as dispatched, so the first worker does not push the whole history
+    op.execute(sa.text("UPDATE outbox_event SET dispatched_at = CURRENT_TIMESTAMP WHERE dispatched_at IS NULL"))
     with op.batch_alter_table('outbox_event', schema=None) as batch_op:
         batch_op.add_column(sa.Column('attempts', sa.Integer(), nullable=False, server_default='0'))
         batch_op.add_column(sa.Column('next_attempt_at', DateTimeUTC(timezone=True), nullable=False,

@@ -24,6 +24,7 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
+from app.accounts.models import Device
 from app.migrate import upgrade
 from app.notifications.models import Reminder
 from app.outbox import OutboxEvent
@@ -202,3 +203,21 @@ async def test_nothing_personal_or_medical_reaches_a_push_service_or_the_sms_gat
         assert phone[1:] not in everything, phone  # without the country code
     assert msgspec.json.decode(msgspec.json.encode(reminder_sms[0]))["text"].startswith(
         "Напоминание: у вас запись в клинике")
+
+
+async def test_a_dead_voip_token_is_forgotten_and_the_phone_keeps_its_other_pushes(
+    client: AsyncTestClient[Any], fcm: FcmFixture, apns: ApnsStandin, session_maker: Maker, patient: Session,
+) -> None:
+    voip = await ios(client, patient)
+    apns.answer_token(voip, 410, "Unregistered")
+    call_id = uuid.uuid4()
+    await stage(session_maker, "call.incoming", call_id, [patient.id], {"ref": str(call_id)})
+
+    async def forgotten() -> list[Device]:
+        async with session_maker() as session:
+            found = list((await session.scalars(select(Device).where(Device.user_id == patient.id))).all())
+        return found if found and all(d.voip_token is None for d in found) else []
+
+    [phone] = await eventually(forgotten, "the VoIP token is cleared, the device kept", timeout=30)
+    assert phone.push_token.startswith("ios-")  # FCM still reaches it with messages, reminders and notices
+    assert voip in [r.device_token for r in apns.requests]

@@ -27,8 +27,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db import Database
 from app.documents.models import Document
-from app.documents.storage import S3Store, object_store
-from app.documents.uploads import expire_pending
+from app.documents.storage import S3Store, object_store, upload_key
+from app.documents.uploads import UploadService, expire_pending
+from app.services import documents_for
 from app.settings import Settings
 from tests.conftest import Session, refused, running
 
@@ -89,6 +90,11 @@ ESCAPED_JS_PDF = pdf_bytes(b"5 0 obj\n<< /Type /Action /S /J#61vaScript /JS (app
 _PACKED = zlib.compress(b"6 0 << /Type /Action /S /JavaScript /JS (app.alert(1)) >>")
 OBJSTM_JS_PDF = pdf_bytes(b"5 0 obj\n<< /Type /ObjStm /N 1 /First 4 /Filter /FlateDecode /Length %d >>\nstream\n"
                           % len(_PACKED) + _PACKED + b"\nendstream\nendobj\n")
+# the same object stream with its type or its filter given by reference, as readers resolve them
+INDIRECT_TYPE_PDF = pdf_bytes(b"5 0 obj\n<< /Type 8 0 R /N 1 /First 4 /Filter /FlateDecode /Length %d >>\nstream\n"
+                              % len(_PACKED) + _PACKED + b"\nendstream\nendobj\n8 0 obj\n/ObjStm\nendobj\n")
+INDIRECT_FILTER_PDF = pdf_bytes(b"5 0 obj\n<< /Type /ObjStm /N 1 /First 4 /Filter 9 0 R /Length %d >>\nstream\n"
+                                % len(_PACKED) + _PACKED + b"\nendstream\nendobj\n9 0 obj\n/FlateDecode\nendobj\n")
 ENCRYPTED_PDF = pdf_bytes(b"5 0 obj\n<< /Filter /Standard /V 1 /R 2 /O (x) /U (y) /P -4 >>\nendobj\n",
                           b"/Encrypt 5 0 R ")
 
@@ -223,9 +229,10 @@ async def test_an_executable_named_pdf_is_refused_and_removed(
         session_maker: async_sessionmaker[AsyncSession]) -> None:
     created = await uploaded(client, patient, exe_bytes(), filename="report.pdf")
     key = (await row(session_maker, created["document"]["id"])).storage_key
-    assert stored(test_settings, key)
+    assert stored(test_settings, upload_key(key))
     refused(await complete(client, patient, created), 415, "type_mismatch")
     assert not stored(test_settings, key)  # the object is gone from the bucket
+    assert not stored(test_settings, upload_key(key))
     document = await row(session_maker, created["document"]["id"])  # and the rejection was committed
     assert (document.status, document.reject_reason) == ("rejected", "type_mismatch")
     refused(await complete(client, patient, created), 415, "type_mismatch")  # again: the same answer
@@ -272,7 +279,7 @@ async def test_a_body_not_of_the_declared_size_is_refused(
     assert put.status_code == 403, put.text
     # an endpoint that let it through anyway: the complete compares the real size with the declared one
     key = (await row(session_maker, created["document"]["id"])).storage_key
-    writer = await client.app.state.store.writer(key, "application/pdf")
+    writer = await client.app.state.store.writer(upload_key(key), "application/pdf")
     await writer.write(data)
     await writer.finish()
     refused(await complete(client, patient, created), 413, "size_mismatch")
@@ -284,7 +291,9 @@ async def test_a_body_not_of_the_declared_size_is_refused(
     (ESCAPED_JS_PDF, "pdf_active_content"),
     (OBJSTM_JS_PDF, "pdf_active_content"),
     (ENCRYPTED_PDF, "pdf_encrypted"),
-], ids=["javascript", "escaped-name", "object-stream", "encrypted"])
+    (INDIRECT_TYPE_PDF, "pdf_unscannable"),
+    (INDIRECT_FILTER_PDF, "pdf_unscannable"),
+], ids=["javascript", "escaped-name", "object-stream", "encrypted", "indirect-type", "indirect-filter"])
 async def test_an_active_or_encrypted_pdf_is_refused(
         client: AsyncTestClient[Any], patient: Session, data: bytes, reason: str, test_settings: Settings,
         session_maker: async_sessionmaker[AsyncSession]) -> None:
@@ -297,7 +306,7 @@ async def test_an_active_or_encrypted_pdf_is_refused(
 
 async def test_a_pdf_whose_object_stream_inflates_without_bound_is_refused(
         client: AsyncTestClient[Any], patient: Session) -> None:
-    bomb = zlib.compress(b" " * (80 * 1024 * 1024), 9)  # 80 MiB inflated, past the 64 MiB checked
+    bomb = zlib.compress(b" " * (80 * 1024 * 1024), 9)  # 80 MiB inflated, past the 16 MiB checked
     data = pdf_bytes(b"5 0 obj\n<< /Type /ObjStm /N 1 /First 4 /Filter /FlateDecode /Length %d >>\nstream\n"
                      % len(bomb) + bomb + b"\nendstream\nendobj\n")
     created = await uploaded(client, patient, data)
@@ -319,7 +328,7 @@ async def test_a_tampered_upload_url_is_refused_by_the_store(client: AsyncTestCl
     data = pdf_bytes()
     created = (await declare(client, patient, data)).json()
     url = created["upload"]["url"]
-    tampered = url.replace("documents/", "documents/0", 1) if "X-Amz" in url else url[:-1] + (
+    tampered = url.replace("uploads/", "uploads/0", 1) if "X-Amz" in url else url[:-1] + (
         "0" if url[-1] != "0" else "1")
     put = await send(client, "PUT", tampered, content=data, headers=created["upload"]["headers"])
     assert put.status_code == 403, put.text
@@ -390,6 +399,78 @@ async def test_a_stranger_gets_no_download(client: AsyncTestClient[Any], patient
             404)
 
 
+# --- the URL after complete -------------------------------------------------------------------------------------
+
+
+async def downloaded(client: AsyncTestClient[Any], who: Session, document_id: str) -> bytes:
+    answer = await client.get(f"/api/v1/documents/{document_id}/download", headers=who.headers,
+                              follow_redirects=False)
+    assert answer.status_code == 307, answer.text
+    got = await send(client, "GET", answer.headers["location"])
+    assert got.status_code == 200, got.text
+    return got.content
+
+
+async def test_a_put_after_complete_does_not_change_what_is_served(
+        client: AsyncTestClient[Any], patient: Session, test_settings: Settings,
+        session_maker: async_sessionmaker[AsyncSession]) -> None:
+    data = pdf_bytes()
+    created = await uploaded(client, patient, data)
+    answer = await complete(client, patient, created)
+    assert answer.status_code == 200, answer.text
+    key = (await row(session_maker, created["document"]["id"])).storage_key
+    # the ready document is served from a key its upload URL does not name, and nothing stays at the URL's
+    assert key not in unquote(created["upload"]["url"])
+    assert upload_key(key) in unquote(created["upload"]["url"])
+    assert stored(test_settings, key)
+    assert not stored(test_settings, upload_key(key))
+    # the URL has not expired: unchecked bytes of the signed length go to it (the local store refuses them)
+    hostile = exe_bytes()[:len(data)].ljust(len(data), b"\x00")
+    put = await put_bytes(client, created, hostile)
+    if test_settings.s3_endpoint_url:
+        assert put.status_code == 200, put.text
+    else:
+        refused(put, 409, "already_uploaded")
+    again = await complete(client, patient, created)  # completing again changes nothing either
+    assert (again.status_code, again.json()["status"]) == (200, "ready")
+    assert await downloaded(client, patient, created["document"]["id"]) == data
+
+
+async def test_a_losing_rejection_keeps_the_ready_documents_object(
+        client: AsyncTestClient[Any], patient: Session, test_settings: Settings,
+        session_maker: async_sessionmaker[AsyncSession]) -> None:
+    """A complete that refused the bytes (on a stricter limit, say) after another one made the document ready:
+    its rejection claims nothing, so the bytes the ready document serves stay."""
+    data = pdf_bytes()
+    created = await uploaded(client, patient, data)
+    stale = await row(session_maker, created["document"]["id"])  # read while pending, as the loser did
+    assert (await complete(client, patient, created)).status_code == 200
+    database, store = Database(test_settings), object_store(test_settings)  # of this test's loop, as the loser's
+    try:
+        async with session_maker() as session:
+            loser = UploadService(session, test_settings, store, database,
+                                  documents_for(session, client.app.state))
+            await loser._reject(stale, "too_large")
+    finally:
+        await database.dispose()
+        await store.close()
+    document = await row(session_maker, created["document"]["id"])
+    assert (document.status, document.reject_reason) == ("ready", None)
+    assert stored(test_settings, document.storage_key)
+    assert await downloaded(client, patient, created["document"]["id"]) == data
+
+
+async def test_a_complete_with_nothing_uploaded_is_409_and_after_ready_answers_the_document(
+        client: AsyncTestClient[Any], patient: Session) -> None:
+    answer = await declare(client, patient, pdf_bytes())
+    created = answer.json()
+    refused(await complete(client, patient, created), 409, "upload_missing")
+    assert (await put_bytes(client, created, pdf_bytes())).status_code == 200
+    first, second = await asyncio.gather(complete(client, patient, created), complete(client, patient, created))
+    assert (first.status_code, second.status_code) == (200, 200), (first.text, second.text)
+    assert first.json()["status"] == second.json()["status"] == "ready"
+
+
 # --- uploads never completed ----------------------------------------------------------------------------------
 
 
@@ -410,6 +491,7 @@ async def test_pending_uploads_expire_with_their_objects(
     document = await row(session_maker, created["document"]["id"])
     assert (document.status, document.reject_reason) == ("rejected", "upload_expired")
     assert not stored(test_settings, key)
+    assert not stored(test_settings, upload_key(key))
     refused(await complete(client, patient, created), 409, "upload_expired")
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import uuid
 from pathlib import Path
 
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.db import metadata
@@ -45,3 +46,22 @@ async def test_history_builds_every_column_of_the_models(tmp_path: Path) -> None
     await asyncio.to_thread(upgrade, url)
     wanted = {name: {c.name for c in table.columns} for name, table in metadata.tables.items()}
     assert await columns_by_table(url) == wanted
+
+
+async def test_events_from_before_the_worker_are_not_pushed_when_it_arrives(tmp_path: Path) -> None:
+    """Nothing ever sent outbox rows before migration 0009: they must not all reach phones on the first deploy."""
+    url = await fresh_database_url(tmp_path, f"migrations_{secrets.token_hex(4)}")
+    await asyncio.to_thread(upgrade, url, "0008")
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text(
+                "INSERT INTO outbox_event (id, type, recipients, payload, created_at, updated_at)"
+                " VALUES (:id, 'push', '[]', '{}', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"),
+                {"id": uuid.uuid4() if url.startswith("postgresql") else uuid.uuid4().bytes})
+        await asyncio.to_thread(upgrade, url)
+        async with engine.connect() as conn:
+            pending = await conn.scalar(text("SELECT count(*) FROM outbox_event WHERE dispatched_at IS NULL"))
+        assert pending == 0
+    finally:
+        await engine.dispose()

@@ -87,6 +87,25 @@ async def test_a_small_put_is_one_object(store: ObjectStore) -> None:
     assert await store.read_range(key, 0, 64) == b"\x89PNG\r\n\x1a\n"
 
 
+async def test_a_move_never_replaces_an_object(store: ObjectStore) -> None:
+    src, dst, other = new_key("uploads"), new_key(), new_key()
+    for key, data in ((src, b"first"), (other, b"taken")):
+        writer = await store.writer(key, "application/pdf")
+        await writer.write(data)
+        await writer.finish()
+    assert await store.move(src, dst)
+    assert await store.head(src) is None
+    assert await store.read_range(dst, 0, 64) == b"first"
+    assert not await store.move(src, dst)  # nothing left at src
+    writer = await store.writer(src, "application/pdf")
+    await writer.write(b"second")
+    await writer.finish()
+    assert not await store.move(src, dst)  # dst holds an object: it stays as it was
+    assert await store.read_range(dst, 0, 64) == b"first"
+    assert not await store.move(src, other)
+    assert await store.read_range(other, 0, 64) == b"taken"
+
+
 async def test_the_bucket_is_made_when_missing(test_settings: Settings) -> None:
     fresh = object_store(msgspec.structs.replace(test_settings, s3_bucket=f"{test_settings.s3_bucket}-new",
                                                  data_dir=str(Path(test_settings.data_dir) / "fresh")))
@@ -142,6 +161,9 @@ async def test_a_local_upload_url_is_bound_to_type_length_and_signature(local: A
     assert await store.head(key) is None
     assert (await local.put(url, content=b"0123456789", headers=headers)).status_code == 200
     assert await store.head(key) == 10
+    # a URL writes once
+    refused(await local.put(url, content=b"ABCDEFGHIJ", headers=headers), 409, "already_uploaded")
+    assert await store.read_range(key, 0, 64) == b"0123456789"
 
 
 async def test_an_expired_local_url_is_refused(local: AsyncTestClient[Any], test_settings: Settings) -> None:

@@ -114,7 +114,7 @@ async def test_apns_answers_become_outcomes(apns: ApnsVoip, apns_standin: ApnsSt
     outcomes = await apns.send([(call(), iphone(t)) for t in tokens])
 
     assert dict(zip(tokens, outcomes, strict=True)) == {
-        "fine": Outcome.SENT, "gone": Outcome.GONE, "bad": Outcome.GONE, "busy": Outcome.RETRY,
+        "fine": Outcome.SENT, "gone": Outcome.VOIP_GONE, "bad": Outcome.VOIP_GONE, "busy": Outcome.RETRY,
         "throttled": Outcome.RETRY, "broken": Outcome.RETRY, "refused": Outcome.FAILED}
 
 
@@ -161,7 +161,7 @@ async def test_calls_to_iphones_ring_through_apns_and_everything_else_goes_throu
     finally:
         await sender.aclose()
 
-    assert outcomes == [Outcome.SENT, Outcome.SENT, Outcome.SENT, Outcome.SENT, Outcome.GONE]
+    assert outcomes == [Outcome.SENT, Outcome.SENT, Outcome.SENT, Outcome.SENT, Outcome.VOIP_GONE]
     assert sorted(r.device_token for r in apns_standin.requests) == ["voip-1", "voip-dead"]
     assert sorted(fcm_standin.tokens()) == ["fcm-android", "fcm-ios-2", "fcm-ios-3"]
     without_voip = next(r.message for r in fcm_standin.requests if r.token == "fcm-ios-3")
