@@ -26,6 +26,7 @@ from litestar import Request
 from litestar.datastructures import State
 from prometheus_client import Counter, Gauge
 from sqlalchemy import and_, insert, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from uuid_utils.compat import uuid7
 
@@ -150,7 +151,11 @@ class AuditLog:
             while self._pending:
                 batch = self._pending[:STATEMENT_ROWS]
                 try:
-                    await self._write(batch)
+                    try:
+                        await self._write(batch)
+                    except Exception:  # e.g. a COPY that committed but whose answer was lost: its rows exist
+                        log.warning("audit batch refused; writing it again, skipping rows already there")
+                        await self._write(batch, skip_written=True)
                 except Exception:
                     WRITE_FAILURES.inc()
                     PENDING.set(len(self._pending))
@@ -162,10 +167,17 @@ class AuditLog:
             PENDING.set(0)
             return True
 
-    async def _write(self, batch: list[tuple[Any, ...]]) -> None:
+    async def _write(self, batch: list[tuple[Any, ...]], skip_written: bool = False) -> None:
+        """One statement for the batch. `skip_written`: an INSERT that passes over ids already in the table, so
+        a batch that was written once (its answer lost) never blocks the queue behind it."""
         assert self.database is not None
         async with self.database.engine.connect() as conn:
-            if conn.dialect.name == "postgresql":  # COPY: a few microseconds a row, a tenth of an INSERT's
+            if skip_written:
+                dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+                await conn.execute(dialect.insert(audit_event).on_conflict_do_nothing(index_elements=["id"]),
+                                   [dict(zip(COLUMNS, row, strict=True)) for row in batch])
+                await conn.commit()
+            elif conn.dialect.name == "postgresql":  # COPY: a few microseconds a row, a tenth of an INSERT's
                 raw = await conn.get_raw_connection()
                 await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
                     audit_event.name, records=batch, columns=COLUMNS)

@@ -19,8 +19,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from uuid_utils.compat import uuid7
 
+from app.access import Role, Viewer
 from app.audit.models import audit_event
-from app.audit.service import AuditLog
+from app.audit.service import COLUMNS, AuditContext, AuditLog
 from app.documents.models import Document
 from app.documents.storage import new_key
 from app.settings import Settings
@@ -286,3 +287,23 @@ async def test_staff_reads_of_documents_are_recorded_and_the_patients_own_are_no
         row = row_of(found, f"doc-{action}")
         assert (row["actor_role"], row["action"], row["target_type"], row["target_id"], row["patient_id"],
                 row["ip"]) == ("doctor", action, target_type, target_id, str(patient.id), TEST_CLIENT_ADDRESS), row
+
+
+async def test_a_batch_written_once_whose_answer_was_lost_does_not_block_the_queue(
+    client: AsyncTestClient[Any], patient: Session, staff: Callable[..., Any], session_maker: Maker,
+) -> None:
+    registrar = await staff("registrar")
+    audit = audit_of(client)
+    await flushed(client)  # nothing else of this test's in the queue
+    ctx = AuditContext(actor=Viewer(registrar.id, frozenset({Role.REGISTRAR})), request_id="lost-answer", ip=None)
+    for _ in range(3):
+        audit.record(ctx, "card.read", "patient", patient.id, patient.id)
+    first = dict(zip(COLUMNS, audit._pending[-3], strict=True))
+    async with session_maker() as session:  # the first row reached the table, but the writer never heard back
+        await session.execute(audit_event.insert(), [first])
+        await session.commit()
+    assert await flush(client)  # written again, passing over the row already there
+    assert audit.pending == 0
+    async with session_maker() as session:
+        ids = (await session.scalars(select(audit_event.c.id).where(audit_event.c.request_id == "lost-answer"))).all()
+    assert len(ids) == len(set(ids)) == 3
