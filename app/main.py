@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -61,6 +61,7 @@ from app.timeparams import set_answer_zone
 
 log = logging.getLogger("app")
 SERVICE_PATHS = ["^/health", "^/metrics", "^/schema"]
+SHUTDOWN_STEP_SECONDS = 15.0  # each shutdown step's most; a healthy one takes milliseconds
 
 
 @get("/metrics", include_in_schema=False, opt=PUBLIC, media_type="text/plain; version=0.0.4")
@@ -83,6 +84,18 @@ async def keep_slot_horizons(database: Database, settings: Settings) -> None:
         except Exception:  # a passing database hiccup must not end the loop
             log.exception("extending slot horizons failed")
         await asyncio.sleep(settings.slot_refresh_seconds)
+
+
+async def bounded(step: str, awaitable: Awaitable[Any], seconds: float = SHUTDOWN_STEP_SECONDS) -> None:
+    """One step of the shutdown, given a while: a step that hangs is logged and left, so a stopping process
+    always ends and the steps after it still run."""
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()
+        log.error("a shutdown step did not end in time", extra={"step": step, "seconds": seconds})
+    elif not task.cancelled() and task.exception() is not None:
+        log.warning("a shutdown step failed", extra={"step": step, "error": repr(task.exception())})
 
 
 def create_app(settings: Settings) -> Litestar:
@@ -180,16 +193,16 @@ def create_app(settings: Settings) -> Litestar:
                 task.cancel()
             # each ends (a refund in flight is recorded, a session rolls back) before the database goes: a task
             # left mid-query would wait forever on a connection closed under it
-            await asyncio.gather(*background, return_exceptions=True)
-            await audit.close()  # the reads audited so far are written before the database goes
+            await bounded("background tasks", asyncio.gather(*background, return_exceptions=True))
+            await bounded("audit log", audit.close())  # the reads audited so far are written before the database goes
             if payment_provider is not None:
-                await payment_provider.aclose()
-            await sms.aclose()
-            await pushes.aclose()
-            await store.close()
-            await database.dispose()
+                await bounded("payment provider", payment_provider.aclose())
+            await bounded("sms", sms.aclose())
+            await bounded("push", pushes.aclose())
+            await bounded("object store", store.close())
+            await bounded("database", database.dispose())
             if redis is not None:
-                await redis.aclose()
+                await bounded("redis", redis.aclose())
 
     return Litestar(
         route_handlers=[HealthController, metrics, AuthController, MeController, StaffController,

@@ -1,0 +1,31 @@
+"""A stopping process always ends: a shutdown step that hangs is logged and left, and the steps after it run."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from app.main import bounded
+
+
+async def test_a_hanging_shutdown_step_is_left_and_the_next_one_still_runs(caplog: pytest.LogCaptureFixture) -> None:
+    never = asyncio.Event()
+    after: list[str] = []
+
+    async def next_step() -> None:
+        after.append("ran")
+
+    with caplog.at_level(logging.WARNING, logger="app"):
+        await bounded("stuck", never.wait(), seconds=0.05)
+        await bounded("failing", _fail(), seconds=1)
+        await bounded("next", next_step(), seconds=1)
+    assert after == ["ran"]
+    messages = [(r.getMessage(), getattr(r, "step", None)) for r in caplog.records]
+    assert ("a shutdown step did not end in time", "stuck") in messages
+    assert ("a shutdown step failed", "failing") in messages
+
+
+async def _fail() -> None:
+    raise RuntimeError("refused")
