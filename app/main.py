@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable
@@ -184,8 +183,7 @@ def create_app(settings: Settings) -> Litestar:
             if metrics_listener is not None:
                 metrics_listener.close()
             writers.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writers  # the sends in flight are answered before the database goes
+            await bounded("chat sends", writers)  # the sends in flight are answered before the database goes
             stop_nudging()
             background = (horizons, listener, hearing, forgetting, refunding, sweeping,
                           *([delivering] if delivering is not None else []))
