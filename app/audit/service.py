@@ -1,6 +1,6 @@
 """The audit log of staff reads of medical data: one append-only table, one service.
 
-INTERFACE (fixed): callers build an `AuditContext` from the request (`audit_context`) and call `AuditLog.record`;
+Callers build an `AuditContext` from the request (`audit_context`) and call `AuditLog.record`;
 reads by the patient (or guardian) of their own data record nothing.
 
 A read costs the request an append to a list in memory: a task writes what accumulated every

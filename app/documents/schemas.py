@@ -1,4 +1,4 @@
-"""What crosses the wire for documents (INTERFACE: the shapes API.md fixes)."""
+"""What crosses the wire for documents: the shapes the API contract fixes."""
 
 from __future__ import annotations
 

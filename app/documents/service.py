@@ -1,6 +1,6 @@
 """Who may see and upload documents, what happens when one becomes ready, lists and the methodists' inbox.
 
-INTERFACE (uploads and downloads build on it): `DocumentService(session, settings, accounts)` (built by
+Uploads and downloads ask it through `DocumentService(session, settings, accounts)` (built by
 app/services.py `documents_for`), `visible`, `may_upload`, `became_ready`.
 
 Every way a document leaves the system asks the one mask in app/access.py (DOCUMENT_GRANTS): a single document

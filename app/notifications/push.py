@@ -1,6 +1,6 @@
 """Pushes to phones: one interface, FCM (firebase-admin), APNs VoIP (HTTP/2), or a log file (embedded).
 
-INTERFACE (fixed: the outbox worker builds on it). A push carries no personal or medical content: only
+The outbox worker sends through `PushSender`. A push carries no personal or medical content: only
 `{type, ref}` and a neutral title.
 """
 
