@@ -47,7 +47,14 @@ from app.notifications.controllers import OutboxController
 from app.notifications.push import push_sender
 from app.notifications.sms import sms_sender
 from app.notifications.worker import CommitNudgingBus, OutboxWorker, RedisNudge
-from app.observability import configure_logging, metrics_allowed, metrics_text, request_id_middleware, serve_metrics
+from app.observability import (
+    configure_logging,
+    metrics_allowed,
+    metrics_text,
+    request_id_middleware,
+    serve_metrics,
+    where_tasks_wait,
+)
 from app.openapi import assets_router, openapi_config
 from app.openapi import on_startup as document_openapi
 from app.payments.controllers import PaymentController
@@ -56,6 +63,7 @@ from app.revocation import LocalRevocationBus, RedisRevocationBus, close_sockets
 from app.scheduling.controllers import CatalogueController
 from app.scheduling.service import FeedCache, RulesCache, SchedulingService
 from app.settings import Settings, settings_from_env
+from app.tasks import cancel_until_done
 from app.timeparams import set_answer_zone
 
 log = logging.getLogger("app")
@@ -91,8 +99,9 @@ async def bounded(step: str, awaitable: Awaitable[Any], seconds: float = SHUTDOW
     task = asyncio.ensure_future(awaitable)
     done, _ = await asyncio.wait({task}, timeout=seconds)
     if not done:
+        log.error("a shutdown step did not end in time",
+                  extra={"step": step, "seconds": seconds, "tasks": where_tasks_wait()})
         task.cancel()
-        log.error("a shutdown step did not end in time", extra={"step": step, "seconds": seconds})
     elif not task.cancelled() and task.exception() is not None:
         log.warning("a shutdown step failed", extra={"step": step, "error": repr(task.exception())})
 
@@ -182,16 +191,13 @@ def create_app(settings: Settings) -> Litestar:
         finally:
             if metrics_listener is not None:
                 metrics_listener.close()
-            writers.cancel()
-            await bounded("chat sends", writers)  # the sends in flight are answered before the database goes
+            await bounded("chat sends", cancel_until_done(writers))  # the sends in flight are answered first
             stop_nudging()
             background = (horizons, listener, hearing, forgetting, refunding, sweeping,
                           *([delivering] if delivering is not None else []))
-            for task in background:
-                task.cancel()
             # each ends (a refund in flight is recorded, a session rolls back) before the database goes: a task
             # left mid-query would wait forever on a connection closed under it
-            await bounded("background tasks", asyncio.gather(*background, return_exceptions=True))
+            await bounded("background tasks", asyncio.gather(*(cancel_until_done(t) for t in background)))
             await bounded("audit log", audit.close())  # the reads audited so far are written before the database goes
             if payment_provider is not None:
                 await bounded("payment provider", payment_provider.aclose())

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
+import inspect
 import json
 import logging
 import re
@@ -229,3 +231,26 @@ def request_id_middleware(log_requests: bool) -> Any:
         return middleware
 
     return factory
+
+
+def where_tasks_wait() -> list[str]:
+    """Every pending task of the running loop with the chain of awaits it is suspended in, outermost first: what
+    a stuck shutdown step is waiting for, logged when one does not end in time."""
+    found = []
+    for task in asyncio.all_tasks():
+        chain: list[str] = []
+        step: Any = task.get_coro()
+        while step is not None:
+            frame = next((f for f in (getattr(step, a, None) for a in ("cr_frame", "ag_frame", "gi_frame")) if f), None)
+            if frame is None:
+                if type(step).__name__ == "async_generator_asend":  # `async for`: go on into the generator
+                    step = next((g for g in gc.get_referents(step) if inspect.isasyncgen(g)), None)
+                    continue
+                chain.append(type(step).__name__)  # a future, or an awaitable written in C
+                break
+            chain.append(f"{frame.f_code.co_filename.rsplit('/site-packages/', 1)[-1]}:{frame.f_lineno} "
+                         f"{frame.f_code.co_name}")
+            step = next((s for s in (getattr(step, a, None) for a in ("cr_await", "ag_await", "gi_yieldfrom")) if s),
+                        None)
+        found.append(f"{task.get_name()}: {' > '.join(chain)}")
+    return found

@@ -24,6 +24,7 @@ from sqlalchemy import delete, select
 
 from app.accounts.models import AccessRevocation
 from app.db import Database
+from app.tasks import cancel_until_done
 
 log = logging.getLogger("app.revocation")
 CHANNEL = "clinic:revocations"
@@ -205,8 +206,8 @@ class RedisRevocationBus:
         polling = asyncio.create_task(self._poll_while_away(revocations, database, ready))
         try:
             await self._listen(revocations, database, ready)
-        finally:
-            polling.cancel()
+        finally:  # awaited: a reload cut off mid-query must give its connection back before the pool goes
+            await cancel_until_done(polling)
 
     async def _poll_while_away(self, revocations: Revocations, database: Database, ready: asyncio.Event) -> None:
         while True:  # the first round runs at once: Redis may be down at start

@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import os
 import random
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,41 @@ PROFILE = "real" if POSTGRES else "embedded"
 
 def pytest_report_header() -> str:
     return f"profile: {PROFILE}"
+
+
+class _StuckShutdowns(logging.Handler):
+    """A shutdown step that did not end in time is a defect even though the process still stops: every one is
+    kept, with where each task waited, and fails the test whose app it was (or the run, for a session's app)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "a shutdown step did not end in time":
+            tasks = "\n    ".join(getattr(record, "tasks", []))
+            self.seen.append(f"step {getattr(record, 'step', '?')!r}; tasks:\n    {tasks}")
+
+
+STUCK_SHUTDOWNS = _StuckShutdowns()
+logging.getLogger("app").addHandler(STUCK_SHUTDOWNS)  # the app's own logger: configure_logging leaves it be
+
+
+@pytest.fixture(autouse=True)
+def _shutdowns_end_in_time(request: pytest.FixtureRequest) -> Iterator[None]:
+    before = len(STUCK_SHUTDOWNS.seen)
+    yield  # torn down last: after the test's own apps have stopped
+    stuck = STUCK_SHUTDOWNS.seen[before:]
+    if request.node.get_closest_marker("stalls_a_shutdown_step") is not None:
+        del STUCK_SHUTDOWNS.seen[before:]  # on purpose: not the run's defect
+    elif stuck:
+        pytest.fail("a shutdown step did not end in time:\n" + "\n".join(stuck), pytrace=False)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if STUCK_SHUTDOWNS.seen:  # a module's or the session's app: no test of its own to fail
+        print("\na shutdown step did not end in time:\n" + "\n".join(STUCK_SHUTDOWNS.seen))
+        session.exitstatus = session.exitstatus or 1
 
 
 async def create_database(name: str) -> str:

@@ -51,6 +51,7 @@ from app.notifications.push import Outcome, PushMessage, PushSender, PushTarget
 from app.notifications.sms import SmsSender
 from app.outbox import OutboxEvent
 from app.settings import Settings
+from app.tasks import cancel_until_done
 
 log = logging.getLogger("app.notifications")
 CHANNEL = "clinic:outbox"  # Redis: "rows were committed", heard by every worker
@@ -178,6 +179,7 @@ class OutboxWorker:
         self._reminders_at = 0.0
         self._gauge_at = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
 
     # --- the loop ---------------------------------------------------------------------------------
 
@@ -227,10 +229,9 @@ class OutboxWorker:
                     await asyncio.wait_for(self.wake.wait(), self.settings.outbox_poll_seconds)
         finally:
             undo()
+            self._stopping = True  # the listener ends even if its cancellation is swallowed (app/tasks.py)
             if listening is not None:
-                listening.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await listening
+                await cancel_until_done(listening)
 
     async def _listen(self) -> None:
         assert self.redis is not None
@@ -245,6 +246,8 @@ class OutboxWorker:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                if self._stopping:
+                    return
                 log.warning("outbox wake-up subscription lost; polling meanwhile", exc_info=True)
                 await asyncio.sleep(1.0)
 

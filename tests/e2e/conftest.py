@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 from app.settings import Settings
 from tests.conftest import PROFILE
 from tests.harness import free_port
-from tests.integration.conftest import book, service, specialist  # noqa: F401  (shared fixtures)
+from tests.integration.conftest import book, service, specialist, visit_until  # noqa: F401  (shared fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]
 PIDS: dict[str, int] = {}  # base URL -> the server's process id (one worker: uvicorn serves in that process)
@@ -40,6 +41,10 @@ def server_env(settings: Settings, port: int, **extra: str) -> dict[str, str]:
             env[name.upper()] = str(value)
     env.update(extra)
     return env
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "(no log)"
 
 
 @asynccontextmanager
@@ -69,7 +74,11 @@ async def servers(settings: Settings, count: int = 1, **extra: str) -> AsyncIter
                         pass
                     await asyncio.sleep(0.05)
                 else:
-                    raise RuntimeError(f"server {url} did not become ready")
+                    answer = "no answer"
+                    with contextlib.suppress(httpx.TransportError):
+                        answer = (await http.get(f"{url}/health/ready")).text
+                    raise RuntimeError(f"server {url} did not become ready ({answer}); its log ends:\n"
+                                       + log_tail(Path(settings.data_dir) / f"server-{url.rsplit(':', 1)[1]}.log"))
         yield urls
     finally:
         for proc in procs:
