@@ -29,12 +29,16 @@ run: install
 	mkdir -p var
 	HOST=$(HOST) PORT=$(PORT) DEMO_DATA=$${DEMO_DATA:-1} $(BIN)/python -m app run
 
-# Redis comes from Debian; PostgreSQL's server binaries too. Installed only when missing.
+# Redis comes from Debian; PostgreSQL's server binaries and Chromium (the browser call client) too. Installed
+# only when missing.
 services-packages:
-	@if ! command -v redis-server >/dev/null || ! ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1; then \
+	@if ! command -v redis-server >/dev/null || ! ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1 \
+	    || ! command -v chromium >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server postgresql >/dev/null; \
-	  else echo "need redis-server and postgresql: sudo apt-get install -y redis-server postgresql"; exit 1; fi; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server postgresql chromium \
+	      >/dev/null; \
+	  else echo "need redis-server, postgresql and chromium: sudo apt-get install -y redis-server postgresql chromium"; \
+	    exit 1; fi; \
 	fi
 
 lint: install-test
@@ -55,6 +59,7 @@ bench: install-test services-packages
 	$(BIN)/python -m tests.harness $(BIN)/python -m bench.notifications
 	$(BIN)/python -m tests.harness $(BIN)/python -m bench.documents
 	$(BIN)/python -m tests.harness $(BIN)/python -m bench.audit
+	$(BIN)/python -m bench.sfu
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache

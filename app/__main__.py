@@ -1,4 +1,4 @@
-"""Command line: `python -m app run | serve | worker | migrate | create-admin --phone ... [--full-name ...]`."""
+"""Command line: `python -m app run | serve | worker | sfu | migrate | create-admin --phone ... [--full-name ...]`."""
 
 from __future__ import annotations
 
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("serve", help="serve the API")
     commands.add_parser("migrate", help="apply database migrations")
     commands.add_parser("worker", help="send the outbox's pushes and reminders (PostgreSQL; Redis for presence)")
+    commands.add_parser("sfu", help="run an SFU node: SFU_LISTEN, SFU_PUBLIC_URL, SFU_SECRET, REDIS_URL (registry)")
     admin = commands.add_parser("create-admin", help="make (or promote) an admin account")
     admin.add_argument("--phone", required=True)
     admin.add_argument("--full-name")
@@ -109,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         serve(settings)
     if args.command == "worker":
         return outbox_worker(settings)
+    if args.command == "sfu":
+        from app.rtc.sfu.node import run_node  # imported for this command only: aiortc is slow to import
+
+        return run_node(settings)
     return 0
 
 

@@ -60,8 +60,14 @@ from app.openapi import on_startup as document_openapi
 from app.payments.controllers import PaymentController
 from app.payments.service import RefundWorker, provider_from
 from app.revocation import LocalRevocationBus, RedisRevocationBus, close_sockets
+from app.rtc.controllers import SOCKET_HANDLERS, CallController, StartController, list_ice_servers
+from app.rtc.page import PAGE_ROUTES
+from app.rtc.placement import node_urls, sfu_directory
+from app.rtc.service import CallKeeper
+from app.rtc.sfu.engine import Sfu
 from app.scheduling.controllers import CatalogueController
 from app.scheduling.service import FeedCache, RulesCache, SchedulingService
+from app.services import calls_for
 from app.settings import Settings, settings_from_env
 from app.tasks import cancel_until_done
 from app.timeparams import set_answer_zone
@@ -185,6 +191,13 @@ def create_app(settings: Settings) -> Litestar:
         # the embedded profile has no other process to send its pushes: the worker always runs in it
         in_api = settings.outbox_worker_in_api or settings.resolved_database_url.startswith("sqlite")
         delivering = asyncio.create_task(worker.run()) if in_api else None
+        # calls: the SFU inside this process unless SFU_URLS names nodes; the keeper ends missed and failed calls
+        local_sfu = None if node_urls(settings) else Sfu(settings)
+        directory = sfu_directory(settings, redis, local_sfu)
+        keeper = CallKeeper(database, settings, directory, bus, lambda session: calls_for(session, app.state))
+        app.state.update(sfu=local_sfu, sfu_directory=directory, call_keeper=keeper,
+                         socket_handlers=SOCKET_HANDLERS)  # rtc.offer on the realtime socket
+        keeping = asyncio.create_task(keeper.run())
         audit.start()
         try:
             yield
@@ -193,6 +206,8 @@ def create_app(settings: Settings) -> Litestar:
                 metrics_listener.close()
             await bounded("chat sends", cancel_until_done(writers))  # the sends in flight are answered first
             stop_nudging()
+            keeper.stop()  # ends its loops after the pass under way, which may be ending a call
+            await bounded("call keeper", keeping)
             background = (horizons, listener, hearing, forgetting, refunding, sweeping,
                           *([delivering] if delivering is not None else []))
             # each ends (a refund in flight is recorded, a session rolls back) before the database goes: a task
@@ -203,6 +218,9 @@ def create_app(settings: Settings) -> Litestar:
                 await bounded("payment provider", payment_provider.aclose())
             await bounded("sms", sms.aclose())
             await bounded("push", pushes.aclose())
+            await bounded("sfu directory", directory.aclose())
+            if local_sfu is not None:  # every room's peer connections, tasks and ports
+                await bounded("sfu", local_sfu.close())
             await bounded("object store", store.close())
             await bounded("database", database.dispose())
             if redis is not None:
@@ -213,6 +231,8 @@ def create_app(settings: Settings) -> Litestar:
                         PatientController, DeviceController, CatalogueController, ConsultationController,
                         CareController, PaymentController, ChatController, AuditController, DocumentController,
                         InboxController, OutboxController, realtime, socket_ticket,
+                        StartController, CallController, list_ice_servers,
+                        *PAGE_ROUTES,  # the browser call client (public: it holds no data)
                         *upload_routes(settings),
                         list_documents,  # after the uploads' controller on its path (one OPTIONS handler)
                         assets_router()],

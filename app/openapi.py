@@ -45,6 +45,7 @@ PARAMETERS: dict[str, tuple[str, Any]] = {
     "before": ("Page backwards: only messages older than this message id.", _ID),
     "after": ("Page forwards: only messages newer than this message id.", _ID),
     "consultation_id": ("The consultation's id.", _ID),
+    "call_id": ("The call's id (from starting it, or a `call.incoming` event).", _ID),
     "conversation_id": ("The conversation's id (a consultation's `conversation_id`).", _ID),
     "message_id": ("The message's id.", _ID),
     "device_id": ("The device's id, as registered.", _ID),

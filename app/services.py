@@ -11,6 +11,7 @@ from app.chat.service import ChatService
 from app.consultations.service import ConsultationService
 from app.documents.service import DocumentService
 from app.payments.service import PaymentService
+from app.rtc.service import CallService
 from app.scheduling.service import SchedulingService
 
 
@@ -35,6 +36,12 @@ def consultations_for(session: AsyncSession, state: State) -> ConsultationServic
     accounts = accounts_for(session, state)
     return ConsultationService(session, state.settings, accounts, scheduling_for(session, state),
                                chat_for(session, state, accounts), payments_for(session, state))
+
+
+def calls_for(session: AsyncSession, state: State) -> CallService:
+    consultations = consultations_for(session, state)
+    return CallService(session, state.settings, consultations, consultations.chat, consultations.accounts,
+                       state.presence, state.sfu_directory, state.call_keeper.wake)
 
 
 def documents_for(session: AsyncSession, state: State) -> DocumentService:

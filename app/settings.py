@@ -97,6 +97,34 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     apns_timeout_seconds: float = 10.0
     # how long an unanswered call rings before it is missed; a call's push never outlives it (ttl, apns-expiration)
     call_ring_seconds: int = 45
+    # how often each API instance asks which SFU nodes are alive: a dead node's calls end `failed` within about this
+    # (one Redis read each time; the calls table is read only when a node went missing, and once a minute besides)
+    call_node_check_seconds: float = 2.0
+    # ICE servers handed to call clients (GET /api/v1/rtc/ice-servers), comma lists: "stun:turn.clinic.ru:3478",
+    # "turn:turn.clinic.ru:3478?transport=udp,turns:turn.clinic.ru:5349". Empty STUN: none (no third party's
+    # STUN by default: medical secrecy); TURN only with TURN_SECRET, coturn's static-auth-secret (the REST scheme:
+    # time-limited credentials, infra/coturn/turnserver.conf), each good for TURN_CREDENTIAL_SECONDS
+    stun_urls: str = ""
+    turn_urls: str = ""
+    turn_secret: str | None = None
+    turn_credential_seconds: int = 4 * 3600  # outlives a long consultation: coturn checks it on every refresh
+    # SFU nodes (app/rtc/placement.py, app/rtc/sfu/node.py). SFU_URLS empty: the SFU runs inside the API process;
+    # set ("http://10.0.0.5:8100,http://10.0.0.6:8100"): each call's room is placed on the least-loaded live one
+    sfu_urls: str = ""
+    sfu_secret: str | None = None  # the nodes' control interface answers only "Bearer <SFU_SECRET>"; required there
+    sfu_listen: str = "127.0.0.1:8100"  # a node's control interface (host:port)
+    sfu_public_url: str = ""  # what a node registers (as listed in the API's SFU_URLS); empty: http://SFU_LISTEN
+    # a node writes its load to Redis this often; one silent for three of these is dead (its calls end failed)
+    sfu_heartbeat_seconds: float = 1.0
+    sfu_timeout_seconds: float = 5.0  # one control request (an offer's answer); past it: 503 sfu_unavailable
+    # the SFU's media sockets (app/rtc/sfu/ice.py): the only addresses it offers as host candidates (a comma list;
+    # empty: every interface's, never 127.0.0.1, as aioice finds them; tests: 127.0.0.1), and the UDP port range it
+    # binds in ("40000-40999", what the firewall opens; empty: ephemeral ports). One port per participant.
+    rtc_host_addresses: str = ""
+    rtc_udp_ports: str = ""
+    # video codecs a room may use, by preference: the first one the first participant offers becomes the room's,
+    # and both legs are forced to it (the SFU forwards, it cannot convert). VP8 first: every WebRTC client has it
+    rtc_video_codecs: str = "VP8,H264"
 
     # the outbox worker (app/notifications/worker.py): sends the pushes and SMS that outbox rows mean
     outbox_worker_in_api: bool = True  # run it inside each API process too (the embedded profile always does)

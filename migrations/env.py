@@ -16,6 +16,7 @@ import app.documents.models
 import app.notifications.models
 import app.outbox
 import app.payments.models
+import app.rtc.models
 import app.scheduling.models  # noqa: F401
 from app.db import metadata
 from app.settings import settings_from_env

@@ -514,6 +514,13 @@ class AccountService:
         await self.session.execute(delete(Device).where(Device.user_id == viewer.id, Device.id.not_in(newest)))
         return device
 
+    async def with_devices(self, user_ids: list[UUID]) -> set[UUID]:
+        """Those of these users with a device registered for pushes (whom a push can reach at all)."""
+        if not user_ids:
+            return set()
+        return set((await self.session.scalars(
+            select(Device.user_id).where(Device.user_id.in_(user_ids)).distinct())).all())
+
     async def remove_device(self, viewer: Viewer, device_id: UUID) -> None:
         gone = await self.session.execute(
             delete(Device).where(Device.id == device_id, Device.user_id == viewer.id).returning(Device.id))

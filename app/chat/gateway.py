@@ -196,7 +196,12 @@ async def serve(socket: WebSocket[Any, Any, Any], connection: Connection, state:
                 await touch(state, connection)  # other instances' pushes go by it from now on
             else:
                 connection.offer(error_frame("invalid_presence_state"))
-        else:  # rtc.offer and rtc.candidate arrive with calls
+        elif (handler := state.get("socket_handlers", {}).get(message.type)) is not None:
+            # rtc.offer and rtc.candidate (app/rtc/controllers.py): the answer goes back on this socket
+            reply = await handler(state, socket.user, message.data)
+            if reply is not None:
+                connection.offer(reply)
+        else:
             connection.offer(error_frame("unsupported_type"))
         connection.ready.set()
 

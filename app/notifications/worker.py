@@ -50,6 +50,7 @@ from app.notifications.models import STAFF_TOPICS, OutboxDelivery
 from app.notifications.push import Outcome, PushMessage, PushSender, PushTarget
 from app.notifications.sms import SmsSender
 from app.outbox import OutboxEvent
+from app.rtc.models import Call
 from app.settings import Settings
 from app.tasks import cancel_until_done
 
@@ -305,15 +306,23 @@ class OutboxWorker:
         return [Claimed(r.id, r.type, r.aggregate_id, list(r.recipients or []), dict(r.payload or {}), r.attempts)
                 for r in claimed]
 
-    def _meaning(self, row: Claimed, visits: dict[UUID, tuple[str, dt.datetime]]) -> Meaning:
+    def _meaning(self, row: Claimed, visits: dict[UUID, tuple[str, dt.datetime]], over: set[UUID],
+                 now: dt.datetime) -> Meaning:
         key = row.id.hex  # the same on every retry of this row: the phone shows it once
         if row.type == "push":
             ref = str(row.payload.get("ref") or row.aggregate_id)
             return Meaning(PushMessage(type="message.new", ref=ref, collapse_key=key), "chat")
         if row.type == CALL:
+            # a call answered or ended never rings a phone; nor one past its ring window, and the push lives only
+            # for the ring time left (FCM ttl, apns-expiration), so a late delivery cannot ring either
+            left = float(self.settings.call_ring_seconds)
+            with contextlib.suppress(TypeError, ValueError):
+                left = (dt.datetime.fromisoformat(str(row.payload.get("ring_until"))) - now).total_seconds()
+            if row.aggregate_id in over or left < 1:
+                return Meaning(None, "chat")
             return Meaning(PushMessage(type=CALL, ref=str(row.payload.get("ref") or row.aggregate_id),
                                        collapse_key=key, urgent=True,
-                                       ttl_seconds=self.settings.call_ring_seconds), "chat")
+                                       ttl_seconds=min(int(left), self.settings.call_ring_seconds)), "chat")
         if row.type == "notice":
             topic = "alerts" if row.payload.get("kind") == "low_rating" else "notices"
             return Meaning(PushMessage(type="notice", ref=str(row.aggregate_id), collapse_key=key), topic)
@@ -337,7 +346,10 @@ class OutboxWorker:
         visits = {v.id: (v.status, v.starts_at) for v in (await session.execute(
             select(Consultation.id, Consultation.status, Consultation.starts_at)
             .where(Consultation.id.in_(visit_ids)))).all()} if visit_ids else {}
-        meanings = {r.id: self._meaning(r, visits) for r in rows}
+        call_ids = [r.aggregate_id for r in rows if r.type == CALL and r.aggregate_id is not None]
+        over = set((await session.scalars(select(Call.id).where(
+            Call.id.in_(call_ids), Call.state != "ringing"))).all()) if call_ids else set()
+        meanings = {r.id: self._meaning(r, visits, over, now) for r in rows}
         live = [r for r in rows if meanings[r.id].push is not None]
         if not live:
             return plan

@@ -35,11 +35,13 @@ async def test_public_routes_are_only_the_login_steps(client: AsyncTestClient[An
     )
     # the login steps, the catalogue a patient or partner browses before signing in, the payment
     # provider's notifications (trusted for nothing: each is checked back with the provider), and the local
-    # object store's signed URLs (GET and PUT: the signature is the credential, checked by the store)
+    # object store's signed URLs (GET and PUT: the signature is the credential, checked by the store), and the
+    # browser call page with its script and style (static files holding no data: the page signs in itself)
     assert public == ["/api/v1/auth/otp", "/api/v1/auth/refresh", "/api/v1/auth/token",
                       "/api/v1/objects/{key:path}", "/api/v1/objects/{key:path}",
                       "/api/v1/payments/yookassa/notifications", "/api/v1/services",
-                      "/api/v1/slots/feed", "/api/v1/specialists", "/api/v1/specialties"]
+                      "/api/v1/slots/feed", "/api/v1/specialists", "/api/v1/specialties",
+                      "/call", "/call/call.css", "/call/call.js"]
 
 
 async def test_every_api_route_refuses_an_anonymous_caller(client: AsyncTestClient[Any]) -> None:
