@@ -41,7 +41,7 @@ def consultations_for(session: AsyncSession, state: State) -> ConsultationServic
 def calls_for(session: AsyncSession, state: State) -> CallService:
     consultations = consultations_for(session, state)
     return CallService(session, state.settings, consultations, consultations.chat, consultations.accounts,
-                       state.presence, state.sfu_directory, state.call_keeper.wake)
+                       state.presence, state.sfu_directory, state.call_keeper.wake, state.call_keeper.close_later)
 
 
 def documents_for(session: AsyncSession, state: State) -> DocumentService:

@@ -107,7 +107,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     stun_urls: str = ""
     turn_urls: str = ""
     turn_secret: str | None = None
-    turn_credential_seconds: int = 4 * 3600  # outlives a long consultation: coturn checks it on every refresh
+    # TURN credentials go only to a participant of a live call (?call_id=), and a leaked one is good for an hour at
+    # most; coturn checks it on every refresh, so a client in a longer call fetches fresh ones and restarts ICE
+    turn_credential_seconds: int = 3600
+    # offers (socket and REST) per user per minute: each one costs the SFU a peer connection and its ports
+    rtc_offers_per_minute: int = 20
     # SFU nodes (app/rtc/placement.py, app/rtc/sfu/node.py). SFU_URLS empty: the SFU runs inside the API process;
     # set ("http://10.0.0.5:8100,http://10.0.0.6:8100"): each call's room is placed on the least-loaded live one
     sfu_urls: str = ""

@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -46,6 +47,50 @@ def error_frame(reason: str) -> str:
 @dataclass(frozen=True, slots=True)
 class Resume:
     after: int
+
+
+@dataclass(frozen=True, slots=True)
+class SocketRoute:  # INTERFACE: what `state.socket_handlers` maps a client message type to
+    """A message type handled outside the gateway (rtc.offer, rtc.candidate): `handler(state, viewer, data)` → a
+    frame for this socket or None. `busy_reason`: while one such message waits or is handled, another is refused
+    with an error frame of this reason (an offer in flight)."""
+
+    handler: Callable[[State, Any, dict[str, Any]], Awaitable[str | None]]
+    busy_reason: str | None = None
+
+
+LANE_LIMIT = 32  # handled messages waiting on one socket (a trickle is a dozen candidates)
+
+
+@dataclass(slots=True)
+class Lane:
+    """The socket's handled messages, one at a time and in order (a candidate after its offer), in a task of their
+    own: the read loop goes on answering pings and noticing a kick while an offer waits on the SFU."""
+
+    queue: asyncio.Queue[tuple[SocketRoute, dict[str, Any]]] = field(
+        default_factory=lambda: asyncio.Queue(LANE_LIMIT))
+    busy: dict[str, int] = field(default_factory=dict)  # busy_reason → messages of it waiting or in hand
+    task: asyncio.Task[None] | None = None
+
+    def take(self, route: SocketRoute, data: dict[str, Any],
+             run: Callable[[], Coroutine[Any, Any, None]]) -> str | None:
+        """Queue the message; the reason it is refused, if it is."""
+        if route.busy_reason is not None and self.busy.get(route.busy_reason):
+            return route.busy_reason
+        if self.queue.full():
+            return "too_many_messages"
+        if route.busy_reason is not None:
+            self.busy[route.busy_reason] = self.busy.get(route.busy_reason, 0) + 1
+        self.queue.put_nowait((route, data))
+        if self.task is None:
+            self.task = asyncio.create_task(run())
+        return None
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task
 
 
 class ClientFrame(msgspec.Struct):
@@ -115,12 +160,13 @@ async def realtime(socket: WebSocket[Any, Any, Any], state: State) -> None:
         older.kick(CLOSE_CROWDED, "too many sockets")
     OPEN_WEBSOCKETS.inc()
     sender: asyncio.Task[None] | None = None
+    lane = Lane()
     try:
         async with database.reader() as session:
             connection.last_seq = connection.started_at = await streams.last_seq(session, connection.user_id)
         await touch(state, connection)
         sender = asyncio.create_task(forward(socket, connection, database))
-        await serve(socket, connection, state, sender)
+        await serve(socket, connection, state, sender, lane)
     except WebSocketDisconnect:
         pass  # the client left
     except Exception:
@@ -130,16 +176,40 @@ async def realtime(socket: WebSocket[Any, Any, Any], state: State) -> None:
         state.hub.remove(connection)
         OPEN_WEBSOCKETS.dec()
         await state.presence.leave(connection.user_id, connection.id)
+        await lane.stop()
         if sender is not None:
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await sender
 
 
+async def handle(lane: Lane, state: State, user: Any, connection: Connection) -> None:
+    """The lane's task: its messages one by one, each reply onto the socket's queue."""
+    while True:
+        route, data = await lane.queue.get()
+        try:
+            reply = await route.handler(state, user, data)
+        except Exception:  # a handler answers its own refusals; anything else must not end the lane
+            log.exception("a socket message failed", extra={"user_id": str(connection.user_id)})
+            reply = error_frame("internal_error")
+        finally:
+            if route.busy_reason is not None:
+                lane.busy[route.busy_reason] -= 1
+        if reply is not None:
+            connection.offer(reply)
+
+
+def refusal_frame(reason: str, data: dict[str, Any]) -> str:
+    call_id = data.get("call_id")
+    return msgspec.json.encode({"type": "error", "data": {
+        "reason": reason, "call_id": call_id if isinstance(call_id, str) else None}}).decode()
+
+
 async def serve(socket: WebSocket[Any, Any, Any], connection: Connection, state: State,
-                sender: asyncio.Task[None]) -> None:
+                sender: asyncio.Task[None], lane: Lane | None = None) -> None:
     """Read the client's frames until it leaves, falls silent, is too slow, or the sender fails."""
     heartbeat, largest = state.settings.ws_heartbeat_seconds, state.settings.ws_max_frame_bytes
+    lane = lane if lane is not None else Lane()
     while True:
         receive = asyncio.ensure_future(socket.receive_text())
         slow = asyncio.ensure_future(connection.overflowed.wait())
@@ -196,11 +266,11 @@ async def serve(socket: WebSocket[Any, Any, Any], connection: Connection, state:
                 await touch(state, connection)  # other instances' pushes go by it from now on
             else:
                 connection.offer(error_frame("invalid_presence_state"))
-        elif (handler := state.get("socket_handlers", {}).get(message.type)) is not None:
-            # rtc.offer and rtc.candidate (app/rtc/controllers.py): the answer goes back on this socket
-            reply = await handler(state, socket.user, message.data)
-            if reply is not None:
-                connection.offer(reply)
+        elif (route := state.get("socket_handlers", {}).get(message.type)) is not None:
+            # rtc.offer and rtc.candidate (app/rtc/controllers.py): handled in the lane, the answer back on this socket
+            refused = lane.take(route, message.data, lambda: handle(lane, state, socket.user, connection))
+            if refused is not None:
+                connection.offer(refusal_frame(refused, message.data))
         else:
             connection.offer(error_frame("unsupported_type"))
         connection.ready.set()

@@ -163,13 +163,30 @@ class ChatService:
 
     async def post_system(self, conversation_id: UUID, text: str, kind: str) -> Message:
         """A message from the clinic itself: a reminder, an extension, a missed call."""
-        message = Message(id=uuid7(), conversation_id=conversation_id, author_id=None, kind="system", text=text,
-                          document_ids=[], client_id=f"system:{kind}:{uuid7()}")
-        self.session.add(message)
+        return (await self.post_system_many([(conversation_id, text, kind)]))[0]
+
+    async def post_system_many(self, posts: Sequence[tuple[UUID, str, str]],
+                               parties: dict[UUID, Party] | None = None) -> list[Message]:
+        """Many clinic messages `(conversation_id, text, kind)` at once (e.g. the missed calls a keeper ends
+        together): one insert, one read of the people (none when `parties` has them), one append of events."""
+        messages = [Message(id=uuid7(), conversation_id=c, author_id=None, kind="system", text=text,
+                            document_ids=[], client_id=f"system:{kind}:{uuid7()}") for c, text, kind in posts]
+        if not messages:
+            return []
+        self.session.add_all(messages)
         await self.session.flush()
-        party = await self._party(conversation_id)
-        await streams.append(self.session, self.staged, party.people, "message.new", message_data(message))
-        return message
+        wanted = {m.conversation_id for m in messages}
+        if parties is None or not wanted <= parties.keys():
+            parties = await self._parties(wanted)
+        if not wanted <= parties.keys():
+            raise NotVisible("conversation not found")
+        await streams.append_many(self.session, self.staged, [
+            (parties[m.conversation_id].people, "message.new", message_data(m)) for m in messages])
+        return messages
+
+    async def parties(self, conversation_ids: set[UUID]) -> dict[UUID, Party]:
+        """The people of many conversations in one query (unknown ones left out)."""
+        return await self._parties(conversation_ids) if conversation_ids else {}
 
     async def announce(self, conversation_id: UUID, type_: str, data: dict[str, Any],
                        patient_side: bool = False) -> None:

@@ -57,6 +57,15 @@ def caring(care_after_days: int) -> Any:
                     func.coalesce(Consultation.completed_at, Consultation.ends_at) >= since))
 
 
+# a call rings and goes on only while its consultation is confirmed or under way (app/rtc reads this)
+CALLABLE = (Status.CONFIRMED, Status.IN_PROGRESS)
+
+
+def callable_now(consultation_id: Any) -> Any:
+    """SQL: the consultation of this id (a column of the caller's query) is one a call may go on in."""
+    return exists().where(Consultation.id == consultation_id, Consultation.status.in_(CALLABLE))
+
+
 async def in_care(session: AsyncSession, specialist_id: UUID, patient_id: UUID, care_after_days: int) -> bool:
     return bool(await session.scalar(select(exists().where(
         Consultation.specialist_id == specialist_id, Consultation.patient_id == patient_id,

@@ -1,4 +1,5 @@
-"""Thin HTTP handlers for calls, their media signalling and ICE servers; the socket's `rtc.offer` handler."""
+"""Thin HTTP handlers for calls, their media signalling and ICE servers; the socket's `rtc.offer` and
+`rtc.candidate` handlers."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ import msgspec
 from litestar import Controller, Request, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
-from litestar.params import FromPath, JSONBody
+from litestar.params import FromPath, FromQuery, JSONBody
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.access import Viewer, signed_in
-from app.errors import DomainError
+from app.chat.gateway import SocketRoute
+from app.errors import DomainError, Invalid, NotVisible, TooMany
 from app.rtc.models import Call
-from app.rtc.schemas import AnswerOut, CallOut, CallStarted, IceServerOut, MediaIn, OfferIn
+from app.rtc.schemas import AnswerOut, CallOut, CallStarted, CallState, IceServerOut, MediaIn, OfferIn
 from app.rtc.service import CallService
 from app.rtc.turn import ice_servers
 from app.services import calls_for
@@ -27,6 +29,29 @@ log = logging.getLogger("app.rtc")
 
 async def provide_calls(db_session: NamedDependency[AsyncSession], state: State) -> CallService:
     return calls_for(db_session, state)
+
+
+class CandidateIn(msgspec.Struct, forbid_unknown_fields=True):
+    """A trickled ICE candidate: its SDP line ("candidate:…"), or null once the client has no more."""
+
+    candidate: str | None = None
+
+
+MAX_CANDIDATE_CHARS = 1024  # one SDP candidate line is a few hundred characters
+
+
+async def offer_allowed(state: State, viewer: Viewer) -> None:
+    """Each offer costs the SFU a peer connection and its ports: RTC_OFFERS_PER_MINUTE per user (socket and REST
+    together), 429 `too_many_offers` beyond."""
+    wait = await state.limiter.hit(f"rtc:offer:{viewer.id}", state.settings.rtc_offers_per_minute, 60)
+    if wait:
+        raise TooMany("too many offers; wait before offering again", wait, "too_many_offers")
+
+
+def checked_candidate(candidate: str | None) -> str | None:
+    if candidate is not None and len(candidate) > MAX_CANDIDATE_CHARS:
+        raise Invalid("the ICE candidate is too long", "invalid_candidate")
+    return candidate
 
 
 def call_out(call: Call) -> CallOut:
@@ -85,15 +110,33 @@ class CallController(Controller):
     async def offer_media(self, request: Request[Viewer, Any, Any], calls: NamedDependency[CallService],
                           call_id: FromPath[UUID], data: JSONBody[OfferIn]) -> AnswerOut:
         """One RTCPeerConnection per participant to the SFU: the offer's answer (sendrecv audio and video)."""
+        await offer_allowed(request.app.state, request.user)
         sdp, type_ = await calls.offer(request.user, call_id, data.sdp, data.type)
         return AnswerOut(sdp=sdp, type=type_)
 
+    @post("/{call_id:uuid}/rtc/candidate", status_code=204, guards=[signed_in])
+    async def trickle_candidate(self, request: Request[Viewer, Any, Any], calls: NamedDependency[CallService],
+                                call_id: FromPath[UUID], data: JSONBody[CandidateIn]) -> None:
+        """A trickled ICE candidate for the viewer's current peer connection (the socket's `rtc.candidate`)."""
+        await calls.candidate(request.user, call_id, checked_candidate(data.candidate))
 
-@get("/api/v1/rtc/ice-servers", guards=[signed_in], tags=["calls"])
-async def list_ice_servers(request: Request[Viewer, Any, Any], state: State) -> list[IceServerOut]:
-    """STUN and TURN for a call's peer connection; TURN credentials expire (coturn's REST scheme)."""
+
+@get("/api/v1/rtc/ice-servers", guards=[signed_in], tags=["calls"], dependencies={"calls": Provide(provide_calls)})
+async def list_ice_servers(request: Request[Viewer, Any, Any], state: State, calls: NamedDependency[CallService],
+                           call_id: FromQuery[UUID | None] = None) -> list[IceServerOut]:
+    """STUN, and for a participant of the live call `call_id` TURN too; TURN credentials expire (coturn's REST
+    scheme). Without a call, or for one not theirs or ended: STUN only."""
+    relay = False
+    if call_id is not None:
+        try:
+            call = await calls.get(request.user, call_id)
+        except NotVisible:
+            call = None
+        viewer = request.user.id
+        relay = call is not None and call.state != CallState.ENDED and (
+            call.accepted_by is None or viewer in (call.accepted_by, call.specialist_id))
     return [IceServerOut(urls=s.urls, username=s.username, credential=s.credential)
-            for s in ice_servers(state.settings, request.user.id)]
+            for s in ice_servers(state.settings, request.user.id, relay=relay)]
 
 
 # --- the realtime socket's signalling messages (app/chat/gateway.py hands them here) -------------------
@@ -103,6 +146,11 @@ class SocketOffer(msgspec.Struct, forbid_unknown_fields=True):
     call_id: UUID
     sdp: str
     type: str = "offer"
+
+
+class SocketCandidate(msgspec.Struct, forbid_unknown_fields=True):
+    call_id: UUID
+    candidate: str | None = None
 
 
 SocketHandler = Callable[[State, Viewer, dict[str, Any]], Awaitable[str | None]]
@@ -122,6 +170,7 @@ async def socket_offer(state: State, viewer: Viewer, data: dict[str, Any]) -> st
     except msgspec.ValidationError:
         return _error("invalid_offer", data.get("call_id") if isinstance(data.get("call_id"), str) else None)
     try:
+        await offer_allowed(state, viewer)
         async with state.database.reader() as session:
             sdp, type_ = await calls_for(session, state).offer(viewer, offer.call_id, offer.sdp, offer.type)
     except DomainError as exc:
@@ -134,10 +183,29 @@ async def socket_offer(state: State, viewer: Viewer, data: dict[str, Any]) -> st
 
 
 async def socket_candidate(state: State, viewer: Viewer, data: dict[str, Any]) -> str | None:
-    """`rtc.candidate` is accepted and ignored: the SFU (aiortc) gathers all its candidates before it answers (they
-    are in the answer), and learns a client's from its offer or from the client's connectivity checks reaching it
-    (peer-reflexive), so nothing needs to trickle."""
+    """`rtc.candidate` `{call_id, candidate: "<SDP line>" | null}`: a trickling client's candidate, for the SFU to
+    check (the SFU's own are all in its answer). Nothing comes back unless it is refused (an error frame)."""
+    try:
+        given = msgspec.convert(data, SocketCandidate)
+        line = checked_candidate(given.candidate)
+    except msgspec.ValidationError:
+        return _error("invalid_candidate", data.get("call_id") if isinstance(data.get("call_id"), str) else None)
+    except DomainError as exc:
+        return _error(str(exc.extra.get("reason", "refused")), str(data.get("call_id")))
+    try:
+        async with state.database.reader() as session:
+            await calls_for(session, state).candidate(viewer, given.call_id, line)
+    except DomainError as exc:
+        return _error(str(exc.extra.get("reason", "refused")), str(given.call_id))
+    except Exception:
+        log.exception("a socket candidate failed", extra={"call_id": str(given.call_id)})
+        return _error("sfu_unavailable", str(given.call_id))
     return None
 
 
-SOCKET_HANDLERS: dict[str, SocketHandler] = {"rtc.offer": socket_offer, "rtc.candidate": socket_candidate}
+# the socket's signalling: one message at a time per socket, in order; a second offer while one is in flight is
+# refused (`offer_in_progress`), candidates wait behind their offer
+SOCKET_HANDLERS: dict[str, SocketRoute] = {
+    "rtc.offer": SocketRoute(socket_offer, busy_reason="offer_in_progress"),
+    "rtc.candidate": SocketRoute(socket_candidate),
+}

@@ -1,5 +1,5 @@
 """Call rules: who starts, answers and ends a call, ringing or pushing, signalling through the SFU, and the keeper
-that ends calls nobody answered (missed) or whose SFU node died (failed).
+that ends calls nobody answered (missed), whose SFU node died (failed) or whose consultation is over.
 
 A call is `ringing` from its start until the patient's side accepts (`active`) or it ends. Every change is one
 conditional UPDATE on the call's state, so two devices answering, or an answer racing the ring timeout on another
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from uuid_utils.compat import uuid7
@@ -31,7 +31,7 @@ from app.chat import streams
 from app.chat.hub import Bus, Presence
 from app.chat.service import ChatService, Party
 from app.consultations.schemas import Format, Status
-from app.consultations.service import ConsultationService
+from app.consultations.service import CALLABLE, ConsultationService, callable_now
 from app.db import Database
 from app.errors import Conflict, DomainError, Forbidden, Invalid, NotVisible, Unavailable
 from app.rtc.models import Call
@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("app.rtc")
 LIVE_STATES = (CallState.RINGING.value, CallState.ACTIVE.value)
 MISSED_TEXT = "Пропущенный звонок"  # the chat's system message (the clinic speaks Russian): no name, no content
-SWEEP_SECONDS = 60.0  # besides a node going missing, the calls of dead nodes are looked for this often
+SWEEP_SECONDS = 60.0  # this often the keeper ends the live calls of consultations that are over
+Room = tuple[str, str]  # (node, room id): what closing a call's media needs
 
 
 def utcnow() -> dt.datetime:
@@ -73,10 +74,25 @@ def patient_side(party: Party) -> set[UUID]:
     return party.people - {party.specialist_id}
 
 
+def room_of(call: Call) -> Room:
+    return call.node, str(call.id)
+
+
+async def close_rooms(directory: SfuDirectory, rooms: Sequence[Room]) -> None:
+    """End these rooms' media on their nodes; a node that does not answer has lost the room anyway."""
+    async def close(node: str, room: str) -> None:
+        try:
+            await directory.close_room(node, room)
+        except Exception:  # the call is over whatever the node says
+            log.warning("closing a call's room failed", exc_info=True, extra={"call_id": room})
+    await asyncio.gather(*(close(node, room) for node, room in rooms))
+
+
 class CallService:
     def __init__(self, session: AsyncSession, settings: Settings, consultations: ConsultationService,
                  chat: ChatService, accounts: AccountService, presence: Presence, directory: SfuDirectory,
-                 ringing: Callable[[], None] = lambda: None) -> None:
+                 ringing: Callable[[], None] = lambda: None,
+                 closing: Callable[[Sequence[Room]], None] | None = None) -> None:
         self.session = session
         self.settings = settings
         self.consultations = consultations
@@ -85,6 +101,8 @@ class CallService:
         self.presence = presence
         self.directory = directory
         self.ringing = ringing  # wakes the ring timeout: a new deadline
+        # closes ended calls' rooms in the background (the keeper's), so no answer or event waits on a node
+        self.closing = closing
 
     @property
     def staged(self) -> streams.Staged:
@@ -101,7 +119,7 @@ class CallService:
         if visit.status == Status.PENDING_CONFIRMATION:
             raise Invalid("a call follows the consultation's confirmation", "consultation_not_confirmed",
                           status=visit.status)
-        if visit.status not in (Status.CONFIRMED, Status.IN_PROGRESS) or visit.conversation_id is None:
+        if visit.status not in CALLABLE or visit.conversation_id is None:
             raise Invalid("the consultation is over", "consultation_over", status=visit.status)
         if visit.format != Format.ONLINE:
             raise Invalid("an in-person consultation has no call", "consultation_in_person")
@@ -145,37 +163,61 @@ class CallService:
 
     # --- answering and ending ----------------------------------------------------------------------
 
-    async def _visible(self, viewer: Viewer, call_id: UUID) -> tuple[Call, Party]:
-        """The call and its people if the viewer is one of them (the specialist, the patient, the guardian)."""
-        call = await self.session.get(Call, call_id)
-        if call is None:
+    async def _visible(self, viewer: Viewer, call_id: UUID, *, live: bool = False) -> tuple[Call, Party]:
+        """The call and its people if the viewer is one of them (the specialist, the patient, the guardian).
+        `live`: a call still live whose consultation is over (cancelled, no-show, completed) is refused, 409
+        `consultation_over` (the keeper's sweep ends it); an ended call is left to the caller's own refusal."""
+        found = (await self.session.execute(select(Call, callable_now(Call.consultation_id))
+                                            .where(Call.id == call_id))).one_or_none()
+        if found is None:
             raise NotVisible("call not found")
+        call, consultation_live = found
         try:
             party = await self.chat.visible(viewer, call.conversation_id)
         except NotVisible:
             raise NotVisible("call not found") from None
+        if live and call.state != CallState.ENDED and not consultation_live:
+            raise Conflict("the consultation is over", "consultation_over")
         return call, party
+
+    async def _participant(self, viewer: Viewer, call_id: UUID) -> Call:
+        """A call the viewer may send media into (offers, candidates): not ended, its consultation live; while it
+        rings only the specialist (the patient's side joins by accepting), once answered only the specialist and
+        the one who answered (a guardian beside the patient does not take over their media)."""
+        call, _ = await self._visible(viewer, call_id, live=True)
+        if call.state == CallState.ENDED:
+            raise Conflict("the call has ended", "call_ended", end_reason=call.end_reason)
+        if viewer.id != call.specialist_id:
+            if call.state == CallState.RINGING:
+                raise Conflict("the call is answered before the patient's side joins it", "call_not_active")
+            if viewer.id != call.accepted_by:
+                raise Forbidden("the call was answered by someone else", "not_allowed")
+        return call
 
     async def get(self, viewer: Viewer, call_id: UUID) -> Call:
         return (await self._visible(viewer, call_id))[0]
 
-    async def _move(self, call: Call, sources: Sequence[str], **values: Any) -> bool:
-        """Compare-and-set on the state: False when the call left `sources` meanwhile (another device, instance)."""
+    async def _move(self, call: Call, sources: Sequence[str], *also: Any, **values: Any) -> bool:
+        """Compare-and-set on the state: False when the call left `sources` meanwhile (another device, instance)
+        or a condition of `also` does not hold."""
         values["updated_at"] = utcnow()
         moved = await self.session.execute(
-            update(Call).where(Call.id == call.id, Call.state.in_(sources)).values(**values).returning(Call.id)
-            .execution_options(synchronize_session=False))
+            update(Call).where(Call.id == call.id, Call.state.in_(sources), *also).values(**values)
+            .returning(Call.id).execution_options(synchronize_session=False))
         changed = moved.one_or_none() is not None
         await self.session.refresh(call)
         return changed
 
     async def accept(self, viewer: Viewer, call_id: UUID) -> Call:
-        call, party = await self._visible(viewer, call_id)
+        call, party = await self._visible(viewer, call_id, live=True)
         if viewer.id not in patient_side(party):
             raise Forbidden("the patient's side answers a call", "not_allowed")
         now = utcnow()
         if call.state != CallState.RINGING or call.ring_deadline <= now or not await self._move(
-                call, [CallState.RINGING.value], state=CallState.ACTIVE.value, started_at=now, accepted_by=viewer.id):
+                call, [CallState.RINGING.value], callable_now(Call.consultation_id),  # not over meanwhile
+                state=CallState.ACTIVE.value, started_at=now, accepted_by=viewer.id):
+            if call.state == CallState.RINGING and call.ring_deadline > now:  # ringing still: the consultation ended
+                raise Conflict("the consultation is over", "consultation_over")
             raise Conflict("the call is no longer ringing", "call_not_ringing", state=call.state)
         # to both sides: the specialist learns it was answered, the patient's other devices stop ringing
         await streams.append(self.session, self.staged, party.people, "call.accepted", call_data(call))
@@ -219,19 +261,19 @@ class CallService:
         await self.close_rooms([call])
 
     async def close_rooms(self, calls: Sequence[Call]) -> None:
-        """End the calls' media on their nodes; a node that does not answer has lost the room anyway."""
-        async def close(call: Call) -> None:
-            try:
-                await self.directory.close_room(call.node, str(call.id))
-            except Exception:  # the call is over whatever the node says
-                log.warning("closing a call's room failed", exc_info=True, extra={"call_id": str(call.id)})
-        await asyncio.gather(*(close(c) for c in calls))
+        """End the calls' media: in the keeper's background (the events go out without waiting on a node that
+        may hang for SFU_TIMEOUT_SECONDS), or here when there is no keeper."""
+        rooms = [room_of(call) for call in calls]
+        if self.closing is not None:
+            self.closing(rooms)
+        else:
+            await close_rooms(self.directory, rooms)
 
     # --- in the call -------------------------------------------------------------------------------
 
     async def media(self, viewer: Viewer, call_id: UUID, audio: bool, video: bool) -> Call:
         """A side turned its sound or picture on or off: the other side hears of it (call.media)."""
-        call, party = await self._visible(viewer, call_id)
+        call, party = await self._visible(viewer, call_id, live=True)
         if call.state == CallState.ENDED:
             raise Conflict("the call has ended", "call_ended", end_reason=call.end_reason)
         other = patient_side(party) if viewer.id == call.specialist_id else {call.specialist_id}
@@ -240,22 +282,26 @@ class CallService:
         return call
 
     async def offer(self, viewer: Viewer, call_id: UUID, sdp: str, type_: str) -> tuple[str, str]:
-        """A participant's SDP offer, answered by the SFU node holding the call's room. Either side may offer while
-        it rings and again after a network change (the new peer connection replaces the old)."""
-        call, _ = await self._visible(viewer, call_id)
-        if call.state == CallState.ENDED:
-            raise Conflict("the call has ended", "call_ended", end_reason=call.end_reason)
-        if call.accepted_by is not None and viewer.id not in (call.accepted_by, call.specialist_id):
-            raise Conflict("the call was answered by someone else", "answered_elsewhere")
-        node, room = call.node, str(call.id)
+        """A participant's SDP offer, answered by the SFU node holding the call's room. The specialist may offer
+        while it rings, the one who answered once it is active; either again after a network change (the new peer
+        connection replaces the old)."""
+        call = await self._participant(viewer, call_id)
+        node, room = room_of(call)
         await self.session.commit()  # nothing was written: no transaction waits on the node's answer
         try:
-            return await self.directory.offer(node, room, str(viewer.id), sdp, type_)
+            answer = await self.directory.offer(node, room, str(viewer.id), sdp, type_)
         except DomainError:  # a full room, a refused offer, an unreachable node: each has its reason
             raise
         except Exception as exc:
             log.exception("an offer failed", extra={"call_id": room})
             raise Unavailable("the call's media server did not answer; try again", "sfu_unavailable") from exc
+        # the call may have ended while the node answered, and the offer re-created its room there: close it again
+        state = await self.session.scalar(select(Call.state).where(Call.id == call.id))
+        await self.session.commit()
+        if state not in LIVE_STATES:
+            await close_rooms(self.directory, [(node, room)])
+            raise Conflict("the call has ended", "call_ended")
+        return answer
 
     # --- what the keeper ends ----------------------------------------------------------------------
 
@@ -272,36 +318,81 @@ class CallService:
             .values(state=CallState.ENDED.value, end_reason=EndReason.MISSED.value, ended_at=now, updated_at=now)
             .returning(Call).execution_options(synchronize_session=False))
         missed = list(rows.all())
+        if not missed:
+            return []
+        # the whole batch in a few statements: one read of the people, one insert of messages, one of events
+        parties = await self.chat.parties({call.conversation_id for call in missed})
+        await self.chat.post_system_many([(call.conversation_id, MISSED_TEXT, "missed_call") for call in missed],
+                                         parties)
+        events: list[tuple[set[UUID], str, dict[str, Any]]] = []
         for call in missed:
-            await self.chat.post_system(call.conversation_id, MISSED_TEXT, "missed_call")
-            await self.chat.announce(call.conversation_id, "call.ended", call_data(call))
+            party = parties.get(call.conversation_id)
             notice = {"kind": "missed_call", "call_id": str(call.id), "consultation_id": str(call.consultation_id)}
-            await self.chat.announce(call.conversation_id, "notice", notice, patient_side=True)
+            if party is not None:
+                events += [(party.people, "call.ended", call_data(call)), (patient_side(party), "notice", notice)]
             outbox.stage(self.session, "notice", call.id, [str(call.patient_id)], notice)  # a push when away
+        await streams.append_many(self.session, self.staged, events)
         return missed
 
-    async def fail_off(self, live_nodes: set[str]) -> list[Call]:
-        """Live calls whose room is on a node no longer alive end `failed`."""
+    async def fail_on(self, gone: set[str]) -> list[Call]:
+        """Live calls whose room is on a node gone for good end `failed`."""
         now = utcnow()
         rows = await self.session.scalars(
-            update(Call).where(Call.state.in_(LIVE_STATES), Call.node.not_in(sorted(live_nodes)))
+            update(Call).where(Call.state.in_(LIVE_STATES), Call.node.in_(sorted(gone)))
             .values(state=CallState.ENDED.value, end_reason=EndReason.FAILED.value, ended_at=now, updated_at=now)
             .returning(Call).execution_options(synchronize_session=False))
         failed = list(rows.all())
-        for call in failed:
-            await self.chat.announce(call.conversation_id, "call.ended", call_data(call))
+        await self._announce_ended(failed)
         return failed
+
+    async def end_over(self) -> list[Call]:
+        """Live calls whose consultation is over (cancelled, no-show, completed) end: `cancelled` while they ring,
+        `completed` once answered. One statement: the consultation's own rule joined to the live calls."""
+        now = utcnow()
+        rows = await self.session.scalars(
+            update(Call).where(Call.state.in_(LIVE_STATES), ~callable_now(Call.consultation_id))
+            .values(state=CallState.ENDED.value, ended_at=now, updated_at=now,
+                    end_reason=case((Call.state == CallState.RINGING.value, EndReason.CANCELLED.value),
+                                    else_=EndReason.COMPLETED.value))
+            .returning(Call).execution_options(synchronize_session=False))
+        ended = list(rows.all())
+        await self._announce_ended(ended)
+        return ended
+
+    async def _announce_ended(self, calls: Sequence[Call]) -> None:
+        """`call.ended` to each call's people: one read of them and one append for the batch."""
+        if not calls:
+            return
+        parties = await self.chat.parties({call.conversation_id for call in calls})
+        await streams.append_many(self.session, self.staged, [
+            (parties[call.conversation_id].people, "call.ended", call_data(call)) for call in calls
+            if call.conversation_id in parties])
+
+    async def call_nodes(self) -> set[str]:
+        """The nodes holding live calls' rooms (the partial index on live calls' nodes answers it)."""
+        return set((await self.session.scalars(select(Call.node).where(Call.state.in_(LIVE_STATES))
+                                               .distinct())).all())
+
+    async def candidate(self, viewer: Viewer, call_id: UUID, line: str | None) -> None:
+        """A participant's trickled ICE candidate (None: no more), passed to the room's node; the same checks as
+        `offer`."""
+        call = await self._participant(viewer, call_id)
+        node, room = call.node, str(call.id)
+        await self.session.commit()  # nothing was written: no transaction waits on the node
+        await self.directory.candidate(node, room, str(viewer.id), line)
 
 
 class CallKeeper:
-    """Ends what nobody else will: calls unanswered past their stored deadline (missed) and calls whose SFU node
-    died (failed). Every API instance runs one; any of them may end a call, each call once (the UPDATE's claim),
-    and a restarted instance finds the deadlines in the database.
+    """Ends what nobody else will: calls unanswered past their stored deadline (missed), calls whose SFU node
+    died (failed) and calls whose consultation is over (cancelled or completed). Every API instance runs one; any of
+    them may end a call, each call once (the UPDATE's claim), and a restarted instance finds the deadlines in the
+    database. It also closes ended calls' rooms in the background, and its `run` returns once those are done.
 
     The ring timeout sleeps until the nearest deadline: woken when a call starts here, and otherwise looking again
     every CALL_RING_SECONDS (a call started on an instance that died meanwhile ends at most that late). The node
-    watch reads the live nodes every CALL_NODE_CHECK_SECONDS (Redis) and the calls table only when a node went
-    missing, at its start, and every SWEEP_SECONDS; when the live nodes cannot be known it changes nothing."""
+    watch asks the directory every CALL_NODE_CHECK_SECONDS which of the live calls' nodes are gone for good (it
+    judges grace periods, unknown names and asks the nodes themselves); when that cannot be known it changes
+    nothing. Every SWEEP_SECONDS it ends the calls of consultations that are over."""
 
     def __init__(self, database: Database, settings: Settings, directory: SfuDirectory, bus: Bus,
                  services: Callable[[AsyncSession], CallService]) -> None:
@@ -313,6 +404,7 @@ class CallKeeper:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing: set[asyncio.Task[None]] = set()
 
     def wake(self) -> None:
         """A call started: its deadline may be the nearest. Callable from any thread."""
@@ -328,10 +420,37 @@ class CallKeeper:
             with contextlib.suppress(RuntimeError):  # that loop has closed
                 self._loop.call_soon_threadsafe(self._wake.set)
 
+    def close_later(self, rooms: Sequence[Room]) -> None:
+        """Close these rooms' media in the background (tracked: `run` and `closed` await them). Any thread."""
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if self._loop is None or running is self._loop:
+            self._spawn(list(rooms))
+        else:
+            try:
+                self._loop.call_soon_threadsafe(self._spawn, list(rooms))
+            except RuntimeError:  # that loop has closed: its nodes' rooms with it, or they time out there
+                log.warning("a call's room was left to its node", extra={"rooms": len(rooms)})
+
+    def _spawn(self, rooms: list[Room]) -> None:
+        task = asyncio.create_task(close_rooms(self.directory, rooms))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def closed(self) -> None:
+        """Until the rooms handed to `close_later` so far are closed (or their nodes did not answer)."""
+        while self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
     async def run(self) -> None:
-        """Until `stop`: a pass under way is finished, never cut off mid-transaction."""
+        """Until `stop`: a pass under way is finished, never cut off mid-transaction; then the rooms being closed."""
         self._loop = asyncio.get_running_loop()
-        await asyncio.gather(self._ring(), self._watch_nodes())
+        try:
+            await asyncio.gather(self._ring(), self._watch_nodes())
+        finally:
+            await self.closed()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -357,35 +476,42 @@ class CallKeeper:
 
     async def _watch_nodes(self) -> None:
         loop = asyncio.get_running_loop()
-        known: set[str] | None = None
-        swept_at = 0.0
+        swept_at: float | None = None
         while not self._stopping.is_set():
             try:
-                live = await self.directory.live_nodes()
+                await self.fail_gone()
             except asyncio.CancelledError:
                 raise
             except Exception:  # not knowable now (Redis down): no call is failed on a guess
-                log.warning("the live SFU nodes are not known; calls left as they are", exc_info=True)
-            else:
-                if known is None or known - live or loop.time() - swept_at >= SWEEP_SECONDS:
-                    try:
-                        await self.fail_dead(live)
-                        swept_at = loop.time()
-                        known = live
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception:
-                        log.exception("ending the calls of dead SFU nodes failed")
-                else:
-                    known = live
+                log.warning("the SFU nodes' state is not known; calls left as they are", exc_info=True)
+            if swept_at is None or loop.time() - swept_at >= SWEEP_SECONDS:
+                try:
+                    await self.end_over()
+                    swept_at = loop.time()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("ending the calls of consultations that are over failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.settings.call_node_check_seconds)
 
     async def expire_due(self) -> list[Call]:
         return await self._end(lambda calls: calls.expire_missed(utcnow()))
 
-    async def fail_dead(self, live: set[str]) -> list[Call]:
-        return await self._end(lambda calls: calls.fail_off(live))
+    async def fail_gone(self) -> list[Call]:
+        """The live calls on the nodes the directory says are gone end `failed`; if it cannot say, none do."""
+        async with self.database.reader() as session:
+            nodes = await self.services(session).call_nodes()
+        if not nodes:
+            return []
+        gone = await self.directory.gone(nodes)
+        if not gone:
+            return []
+        return await self._end(lambda calls: calls.fail_on(gone))
+
+    async def end_over(self) -> list[Call]:
+        """The sweep: live calls whose consultation is over end."""
+        return await self._end(lambda calls: calls.end_over())
 
     async def _end(self, ending: Callable[[CallService], Any]) -> list[Call]:
         async with self.database.writer() as session:
@@ -398,7 +524,7 @@ class CallKeeper:
             staged = streams.staged_for(session)
             if staged.events:  # persisted first, published now
                 await self.bus.publish(staged.encode())
-            await calls.close_rooms(ended)
+        self.close_later([room_of(call) for call in ended])  # no node holds up the next pass
         for call in ended:
             log.info("call ended", extra={"call_id": str(call.id), "end_reason": call.end_reason})
         return ended

@@ -27,6 +27,7 @@ from app.rtc.service import MISSED_TEXT
 from app.settings import Settings
 from tests.conftest import Session, refused, running
 from tests.e2e.test_gateway import frames_until, nothing_pending, ws_url
+from tests.harness import free_port
 from tests.integration.test_outbox_worker import eventually, sockets_at
 
 Maker = async_sessionmaker[AsyncSession]
@@ -308,15 +309,17 @@ async def test_an_unanswered_call_is_missed_once_whichever_instance_expires_it(
 async def test_a_call_whose_sfu_node_is_gone_ends_failed(
     test_settings: Settings, client: AsyncTestClient[Any], visit: Visit, session_maker: Maker,
 ) -> None:
-    """A call's room on a node no longer alive (here: one from before a restart, no longer listed) ends `failed`
-    on both sides; the first node check of an instance that starts finds it."""
+    """A call's room on a node no longer alive (listed in SFU_URLS, registered nowhere, not answering its address)
+    ends `failed` on both sides; the node checks of an instance that starts find it."""
     started = await start(client, visit)
     assert (await act(client, visit.patient, started["id"], "accept")).status_code == 200
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     async with session_maker() as session:
-        await session.execute(update(Call).where(Call.id == UUID(started["id"]))
-                              .values(node="http://10.255.0.9:8100#3fa2c1d0"))
+        await session.execute(update(Call).where(Call.id == UUID(started["id"])).values(node=f"{dead}#3fa2c1d0"))
         await session.commit()
-    async with running(test_settings) as restarted:
+    watching = msgspec.structs.replace(test_settings, sfu_urls=dead, sfu_secret="s" * 32, sfu_heartbeat_seconds=0.2,
+                                       sfu_timeout_seconds=1.0, call_node_check_seconds=0.2)
+    async with running(watching) as restarted:
         async def failed() -> bool:
             answer = await restarted.get(f"/api/v1/calls/{started['id']}", headers=visit.doctor.headers)
             return bool(answer.json()["state"] == "ended")
@@ -369,7 +372,7 @@ async def test_an_offer_is_answered_by_the_sfu_for_the_participants_only(
         await nothing_pending(socket)
         await socket.send(json.dumps({"type": "rtc.candidate", "data": {"call_id": started["id"],
                                                                         "candidate": "candidate:1 1 udp 1 x 9 typ"}}))
-        assert await nothing_pending(socket) == []  # accepted and ignored: no answer, no error
+        assert await nothing_pending(socket) == []  # no connection of its own yet: nothing to check, no error
         await socket.send(json.dumps({"type": "rtc.offer", "data": {"call_id": started["id"], "sdp": await offer_sdp(),
                                                                     "type": "offer"}}))
         answer = (await frames_until(socket, lambda f: f["type"] in ("rtc.answer", "error")))[-1]

@@ -5,14 +5,25 @@ publisher hears receiver reports and the subscriber gets sender reports on the s
 
 from __future__ import annotations
 
+import struct
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, RtcpRrPacket, RtcpSrPacket, unpack_remb_fci
+from aiortc.rtp import (
+    RTCP_PSFB_APP,
+    RTCP_RTPFB,
+    RTCP_RTPFB_NACK,
+    RtcpPsfbPacket,
+    RtcpRrPacket,
+    RtcpRtpfbPacket,
+    RtcpSrPacket,
+    pack_rtcp_packet,
+    unpack_remb_fci,
+)
 
 from app.rtc.sfu.engine import Sfu
-from app.rtc.sfu.forward import vp8_keyframe_start
+from app.rtc.sfu.forward import NACK_ANSWERS, RESEND_INTERVAL_MS, vp8_keyframe_start
 from app.rtc.sfu.ice import loopback_candidates
 from app.settings import Settings
 from tests.integration.sfu_peers import Peer, call
@@ -140,6 +151,58 @@ async def test_reports_and_bitrate_feedback_flow_both_ways(sfu: Sfu) -> None:
         report = next(p for p in patient.receiver_rtcp if isinstance(p, RtcpSrPacket))
         timestamps = [p[3] for p in patient.video_rtp]
         assert min((report.sender_info.rtp_timestamp - ts) & 0xFFFFFFFF for ts in timestamps) < 90000 * 3
+    finally:
+        await doctor.close()
+        await patient.close()
+
+
+def media_seqs(peer: Peer) -> list[int]:
+    """The sequence numbers of the video media packets (not RTX) the peer received, in order."""
+    media_pt = peer.video_rtp[0][1]  # the first is media: nothing was lost yet to retransmit
+    return [p[2] for p in peer.video_rtp if p[1] == media_pt]
+
+
+async def test_a_nack_full_of_repeats_resends_at_most_the_cap(sfu: Sfu) -> None:
+    doctor, patient = await call(sfu, "room-nack-flood")
+    try:
+        await patient.until(lambda: len(media_seqs(patient)) >= 100, "100 video packets")
+        egress = sfu.rooms["room-nack-flood"].participants["patient"].egress["video"]
+        ssrc = patient.video_rtp[-1][0]
+        held = media_seqs(patient)[-100:]  # all still in the SFU's buffer
+        # ~1.2 KB of NACK: 300 entries each asking for 17 packets, all repeats of the same 116
+        fci = b"".join(struct.pack("!HH", seq, 0xFFFF) for _ in range(3) for seq in held)
+        nack = pack_rtcp_packet(RTCP_RTPFB, RTCP_RTPFB_NACK, struct.pack("!LL", 1, ssrc) + fci)
+        assert len(RtcpRtpfbPacket.parse(nack[4:], RTCP_RTPFB_NACK).lost) == 300 * 17
+        before = egress.retransmitted
+        receiver = video_receiver(patient)
+        await receiver.transport._send_rtp(nack)
+        # then one for a packet not sent yet, relayed to the doctor: the SFU handles a leg's RTCP in order, so once
+        # it arrives the flood has been answered
+        ahead = (held[-1] + 200) & 0xFFFF
+        await receiver._send_rtcp_nack(ssrc, [ahead])
+        expected = (ahead - egress.rewriter.seq_offset) & 0xFFFF
+        await doctor.until(lambda: expected in doctor.retransmit_requests, "the NACK relayed to the doctor")
+        assert 0 < egress.retransmitted - before <= NACK_ANSWERS
+        await patient.more_frames("video", 5)  # the call goes on
+    finally:
+        await doctor.close()
+        await patient.close()
+
+
+async def test_a_packet_is_resent_at_most_once_per_interval(sfu: Sfu) -> None:
+    doctor, patient = await call(sfu, "room-nack-again")
+    try:
+        await patient.until(lambda: len(media_seqs(patient)) >= 5, "5 video packets")
+        egress = sfu.rooms["room-nack-again"].participants["patient"].egress["video"]
+        held = media_seqs(patient)[-3:]
+        start = egress.retransmitted
+        # the packet path's clock is given, so the interval is exact; nothing else runs between these calls
+        egress._answer_nack(held, now_ms=1_000_000)
+        assert egress.retransmitted == start + 3
+        egress._answer_nack(held * 5, now_ms=1_000_000 + RESEND_INTERVAL_MS - 1)
+        assert egress.retransmitted == start + 3  # too soon: each is on its way already
+        egress._answer_nack(held, now_ms=1_000_000 + RESEND_INTERVAL_MS)
+        assert egress.retransmitted == start + 6
     finally:
         await doctor.close()
         await patient.close()

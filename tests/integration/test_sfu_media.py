@@ -10,6 +10,7 @@ import gc
 import itertools
 import os
 import re
+import struct
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from app.errors import Invalid
-from app.rtc.sfu.engine import CodecUnsupported, RoomFull, Sfu
+from app.rtc.sfu.engine import ENDED_ROOMS_MAX, CallEnded, CodecUnsupported, RoomFull, Sfu
 from app.rtc.sfu.forward import Egress, Ingress
 from app.rtc.sfu.ice import PortsExhausted, loopback_candidates
 from app.settings import Settings
@@ -348,5 +349,83 @@ async def test_a_participant_that_hangs_up_leaves_the_room_and_frees_its_port(sf
         assert set(sfu.rooms["room-hangup"].participants) == {"doctor"}
         assert resources()["sfu_ports"] == 1
         assert sfu.load().streams == 0
+    finally:
+        await closing(doctor, patient)
+
+
+async def test_an_offer_once_the_call_ended_is_refused_and_does_not_recreate_the_room(sfu: Sfu) -> None:
+    doctor, patient = await call(sfu, "room-ended")
+    alone, late, racing, never = Peer("doctor"), Peer("doctor"), Peer("patient"), Peer("doctor")
+    try:
+        egress = sfu.rooms["room-ended"].participants["patient"].egress["video"]
+        await sfu.close_room("room-ended")
+        assert egress.history is None  # its retransmission buffer is freed with it
+        with pytest.raises(CallEnded) as refused:
+            await late.join(sfu, "room-ended")  # a reconnect's offer that reached the node after the end
+        assert refused.value.status_code == 409
+        assert refused.value.extra["reason"] == "call_ended"
+        # an offer racing the close: the close has begun (its connection is closing) when the offer arrives
+        await alone.join(sfu, "room-ended-2")
+        closing_task = asyncio.ensure_future(sfu.close_room("room-ended-2"))
+        outcome = await asyncio.gather(racing.join(sfu, "room-ended-2"), closing_task, return_exceptions=True)
+        assert isinstance(outcome[0], CallEnded), outcome
+        # a room the node never held (the call ended before any offer reached it) is ended as well
+        await sfu.close_room("room-ended-3")
+        with pytest.raises(CallEnded):
+            await never.join(sfu, "room-ended-3")
+        assert not {"room-ended", "room-ended-2", "room-ended-3"} & set(sfu.rooms)
+        assert sfu.load().participants == 0
+    finally:
+        await closing(doctor, patient, alone, late, racing, never)
+
+
+async def test_the_memory_of_ended_rooms_is_capped() -> None:
+    engine = Sfu(sfu_settings())
+    pc = RTCPeerConnection()
+    pc.addTransceiver("audio", direction="sendrecv")
+    try:
+        await pc.setLocalDescription(await pc.createOffer())
+        for i in range(ENDED_ROOMS_MAX + 50):
+            await engine.close_room(f"room-capped-{i}")
+        assert len(engine._ended) == ENDED_ROOMS_MAX
+        assert "room-capped-0" not in engine._ended  # the oldest go first
+        with pytest.raises(CallEnded):
+            await engine.offer(f"room-capped-{ENDED_ROOMS_MAX + 49}", "doctor", pc.localDescription.sdp)
+    finally:
+        await pc.close()
+        await engine.close()
+
+
+async def test_a_subscriber_socket_that_takes_no_more_drops_media_instead_of_queueing_it(sfu: Sfu) -> None:
+    doctor, patient = await call(sfu, "room-backlog")
+    try:
+        room = sfu.rooms["room-backlog"]
+        leg = room.participants["patient"].leg
+        assert leg is not None
+        protocol = leg.dtls.transport._connection._nominated[1].protocol  # hook: aioice's nominated pair
+        egress, ingress = room.participants["patient"].egress["video"], room.participants["doctor"].ingress["video"]
+        protocol.pause_writing()  # what asyncio calls once the socket refused enough to pass its high-water mark
+        sent, received = egress.packets, ingress.received
+        await doctor.until(lambda: ingress.received >= received + 10, "10 more video packets at the SFU")
+        assert egress.packets == sent  # dropped, not handed to asyncio's unbounded buffer
+        assert protocol.transport.get_write_buffer_size() == 0
+        protocol.resume_writing()
+        await patient.more_frames("video", 5)
+        assert egress.packets > sent
+    finally:
+        await closing(doctor, patient)
+
+
+async def test_a_publisher_that_keeps_changing_ssrc_does_not_grow_the_routing_table(sfu: Sfu) -> None:
+    doctor, patient = await call(sfu, "room-ssrcs")
+    try:
+        ingress = sfu.rooms["room-ssrcs"].participants["doctor"].ingress["video"]
+        table = ingress.leg.dtls._rtp_router.ssrc_table  # hook: aiortc's RtpRouter
+        size = len(table)
+        pt = next(iter(ingress.codecs))
+        for ssrc in range(1000, 1200):  # plain packets as the fast path hands them on, each from a new SSRC
+            ingress.receive(bytes([0x80, pt]) + struct.pack("!HII", 1, 0, ssrc) + b"\x00" * 20)
+        assert len(table) <= size + 1
+        assert table[1199] is ingress  # the current one still routes its sender reports here
     finally:
         await closing(doctor, patient)

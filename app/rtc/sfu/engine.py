@@ -14,8 +14,10 @@ its ICE candidates (a browser's offer may carry none) hands them over with `cand
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime
 import logging
+import time
 from contextlib import suppress
 from typing import Any
 
@@ -41,6 +43,10 @@ from app.settings import Settings
 log = logging.getLogger("app.rtc.sfu")
 KINDS = ("audio", "video")
 CERTIFICATE_DAYS = 29  # a certificate is replaced when it has less than this left (aiortc makes them for 30)
+# a room closed because its call ended refuses offers for this long: far longer than an offer's way through the
+# API (SFU_TIMEOUT_SECONDS), so one that raced the end cannot re-create the room; capped so the memory stays small
+ENDED_ROOM_SECONDS = 600.0
+ENDED_ROOMS_MAX = 10_000
 
 
 def _utcnow() -> datetime.datetime:
@@ -49,6 +55,12 @@ def _utcnow() -> datetime.datetime:
 
 class RoomFull(Conflict):  # INTERFACE: a third participant offered into a 1:1 room
     default_reason = "room_full"
+
+
+class CallEnded(Conflict):
+    """An offer for a room closed because its call ended (it raced the end through the API)."""
+
+    default_reason = "call_ended"
 
 
 class CodecUnsupported(Invalid):
@@ -129,6 +141,8 @@ class Sfu:  # INTERFACE
         self.video_preference = [f"video/{name.strip().lower()}" for name in settings.rtc_video_codecs.split(",")
                                  if name.strip()]
         self.rooms: dict[str, _Room] = {}
+        # room id → when close_room closed it; insertion order is expiry order (one TTL for all)
+        self._ended: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self._certificate: _Certificate | None = None
 
@@ -144,11 +158,12 @@ class Sfu:  # INTERFACE
         media = [m for m in description.media if m.kind in KINDS]
         if not media:
             raise Invalid("the offer has neither audio nor video", "invalid_offer")
+        self._refuse_ended(room_id)
         room = self.rooms.get(room_id)
         if room is None:
             room = self.rooms[room_id] = _Room(room_id)
         async with room.lock:
-            if room.closed:  # closed while this offer waited: a fresh room takes it
+            if room.closed:  # closed while this offer waited: ended (refused), else emptied, a fresh room takes it
                 return await self.offer(room_id, participant_id, sdp, type_)
             try:
                 if participant_id not in room.participants and len(room.participants) >= 2:
@@ -195,7 +210,9 @@ class Sfu:  # INTERFACE
         await pc.addIceCandidate(parsed)
 
     async def close_room(self, room_id: str) -> None:
-        """Close every peer connection of the room and free its tasks, sockets and ports (idempotent)."""
+        """Close every peer connection of the room and free its tasks, sockets and ports (idempotent). The call
+        has ended: offers for the room are refused (`CallEnded`) from now on, also one already waiting here."""
+        self._remember_ended(room_id)
         room = self.rooms.get(room_id)
         if room is None:
             return
@@ -219,6 +236,22 @@ class Sfu:  # INTERFACE
                 participants += 1
                 streams += sum(1 for ingress in participant.ingress.values() if ingress.sink is not None)
         return SfuLoad(rooms=len(self.rooms), participants=participants, streams=streams)
+
+    def _remember_ended(self, room_id: str) -> None:
+        now = time.monotonic()
+        ended = self._ended
+        ended[room_id] = now
+        ended.move_to_end(room_id)  # its expiry is now the latest
+        while ended:  # the expired, and the oldest past the cap, go first
+            oldest = next(iter(ended))
+            if len(ended) <= ENDED_ROOMS_MAX and now - ended[oldest] < ENDED_ROOM_SECONDS:
+                break
+            del ended[oldest]
+
+    def _refuse_ended(self, room_id: str) -> None:
+        at = self._ended.get(room_id)
+        if at is not None and time.monotonic() - at < ENDED_ROOM_SECONDS:
+            raise CallEnded("the call has ended")
 
     # --- negotiation ---
     def _connection(self) -> RTCPeerConnection:
@@ -359,6 +392,7 @@ class Sfu:  # INTERFACE
             if egress.source is not None and egress.source.sink is egress:
                 egress.source.sink = None
             egress.attach(None)
+            egress.close()  # its retransmission buffer is freed now, not whenever the connection is collected
         room.relink()
         if participant.leg is not None:
             participant.leg.disable_fast_path()

@@ -14,7 +14,8 @@ Everything else (STUN, DTLS, SRTCP, and RTP before the fast path is on) takes ai
 the same objects.
 
 RTCP: the subscriber's NACKs are answered from the buffer (else relayed upstream with translated sequence
-numbers), its PLI/FIR and REMB are relayed upstream to the publisher's media SSRC (never its RTX SSRC); the
+numbers), each sequence number once, at most NACK_ANSWERS per NACK and a packet at most once per
+RESEND_INTERVAL_MS; its PLI/FIR and REMB are relayed upstream to the publisher's media SSRC (never its RTX SSRC); the
 publisher's sender reports are translated and forwarded (keeps lip sync) and answered with a receiver report
 (+ REMB for video). A subscriber that starts (or whose source changes) gets nothing of a video stream until a
 keyframe arrives, and PLIs, rate-limited, ask the publisher for one.
@@ -63,6 +64,10 @@ from app.rtc.sfu.rewrite import StreamRewriter
 
 KEYFRAME_REQUEST_SECONDS = 0.3  # PLIs upstream at most this often per stream (a stalled subscriber repeats them)
 RETRANSMIT_PACKETS = 256  # per video stream: about 2.5 s at 800 kbit/s, longer than any useful NACK round trip
+# one NACK (up to ~6,000 sequence numbers in a 1.4 KB packet, repeats allowed) is answered for at most this many
+# distinct ones, and a packet is resent at most once per interval: feedback never multiplies into a flood
+NACK_ANSWERS = 64
+RESEND_INTERVAL_MS = 100
 DEFAULT_REMB_BPS = 2_000_000  # told to a publisher whose subscriber has said nothing yet (or has gone)
 REMB_FRESH_SECONDS = 5.0
 _NTP_EPOCH_OFFSET = 2208988800  # 1900-01-01 to 1970-01-01, seconds
@@ -160,6 +165,24 @@ def _now_ms() -> int:
     return int(time.monotonic() * 1000)
 
 
+def nacked(lost: list[int]) -> list[int]:
+    """A NACK's sequence numbers, each once (in 16 bits: a PID+BLP near the wrap runs past 65535), the first
+    NACK_ANSWERS of them."""
+    return list(dict.fromkeys(seq & 0xFFFF for seq in lost))[:NACK_ANSWERS]
+
+
+class _Sent:
+    """A packet in an outgoing video stream's retransmission buffer."""
+
+    __slots__ = ("data", "header_length", "resent_ms", "seq")
+
+    def __init__(self, seq: int, data: bytes, header_length: int) -> None:
+        self.seq = seq
+        self.data = data  # the plain packet as it went out
+        self.header_length = header_length
+        self.resent_ms = -RESEND_INTERVAL_MS  # never resent yet
+
+
 class Leg:
     """One participant's connection (one bundled DTLS transport): its fast receive path and its sending."""
 
@@ -170,6 +193,7 @@ class Leg:
         # forces one codec per kind), so the type alone routes, as aiortc's router does for an unknown SSRC
         self.by_pt: dict[int, Ingress] = {}
         self._pair: Any = None  # the nominated ICE pair last seen, and where it sends
+        self._protocol: MediaProtocol | None = None
         self._sendto: Any = None
         self._remote: tuple[str, int] = ("", 0)
 
@@ -204,9 +228,13 @@ class Leg:
             return False
         if pair is not self._pair:
             self._pair = pair
-            transport = getattr(pair.protocol, "transport", None)
-            self._sendto = transport.sendto if isinstance(pair.protocol, MediaProtocol) and transport else None
+            protocol, transport = pair.protocol, getattr(pair.protocol, "transport", None)
+            ours = protocol if isinstance(protocol, MediaProtocol) and transport is not None else None
+            self._protocol = ours
+            self._sendto = transport.sendto if ours is not None and transport is not None else None
             self._remote = pair.remote_addr
+        if self._protocol is not None and self._protocol.paused:
+            return False
         try:
             protected = dtls._tx_srtp.protect_rtcp(data) if is_rtcp(data) else dtls._tx_srtp.protect(data)
         except pylibsrtp.Error:
@@ -284,10 +312,14 @@ class Ingress:
             ssrc, pt = self.media_ssrc, apt
         elif pt in self.codecs:
             if ssrc != self.media_ssrc:
-                self.media_ssrc = ssrc
                 # so the publisher's sender reports reach us even when its offer listed no SSRC (aiortc's router
-                # learns SSRCs only from packets it routes itself)
-                self.leg.dtls._rtp_router.ssrc_table[ssrc] = self
+                # learns SSRCs only from packets it routes itself); only the current one, so a publisher that
+                # keeps changing SSRC does not grow the table
+                table = self.leg.dtls._rtp_router.ssrc_table
+                if self.media_ssrc is not None and table.get(self.media_ssrc) is self:
+                    del table[self.media_ssrc]
+                table[ssrc] = self
+                self.media_ssrc = ssrc
                 self.received = 0
                 self.base_seq = self.max_seq = seq
                 self.cycles = self._expected_prior = self._received_prior = 0
@@ -412,8 +444,8 @@ class Egress:
                                        start_ts=int.from_bytes(os.urandom(4), "big"))
         self.keyframe_start = _KEYFRAME_START.get(first.mimeType.lower()) if first and self.video else None
         self.waiting_keyframe = self.keyframe_start is not None
-        # what went out, by sequence number: (seq, the plain packet, its header length)
-        self.history: list[tuple[int, bytes, int] | None] | None = [None] * RETRANSMIT_PACKETS if self.video else None
+        # what went out, by sequence number modulo its size (None: audio, or closed)
+        self.history: list[_Sent | None] | None = [None] * RETRANSMIT_PACKETS if self.video else None
         self._rtx_seq = int.from_bytes(os.urandom(2), "big") % 32768
         self.source: Ingress | None = None
         self.packets = 0
@@ -460,8 +492,9 @@ class Egress:
         else:
             header = _HEADER.pack(0x80, marker | out_pt, out_seq, out_ts, self._ssrc)
         data = header + payload
-        if self.history is not None:
-            self.history[out_seq % RETRANSMIT_PACKETS] = (out_seq, data, len(header))
+        history = self.history
+        if history is not None:
+            history[out_seq % RETRANSMIT_PACKETS] = _Sent(out_seq, data, len(header))
         if self.leg.send(data):
             self.packets += 1
             self.octets += len(payload)
@@ -484,7 +517,7 @@ class Egress:
     async def _handle_rtcp_packet(self, packet: Any) -> None:
         if isinstance(packet, RtcpRtpfbPacket):
             if packet.fmt == RTCP_RTPFB_NACK:
-                self._answer_nack(packet.lost)
+                self._answer_nack(packet.lost, _now_ms())
         elif isinstance(packet, RtcpPsfbPacket):
             source = self.source
             if source is None:
@@ -500,13 +533,21 @@ class Egress:
         elif isinstance(packet, RtcpByePacket):
             pass
 
-    def _answer_nack(self, lost: list[int]) -> None:
+    def close(self) -> None:
+        """The participant left: its retransmission buffer goes with it."""
+        self.history = None
+        self.source = None
+
+    def _answer_nack(self, lost: list[int], now_ms: int) -> None:
         missing = []
         history = self.history
-        for seq in lost:
+        for seq in nacked(lost):
             entry = history[seq % RETRANSMIT_PACKETS] if history is not None else None
-            if entry is not None and entry[0] == seq:
-                _, data, header_length = entry
+            if entry is not None and entry.seq == seq:
+                if now_ms - entry.resent_ms < RESEND_INTERVAL_MS:
+                    continue  # just resent: it is on its way (or lost again, and the next NACK asks once more)
+                entry.resent_ms = now_ms
+                data, header_length = entry.data, entry.header_length
                 rtx_pt = self.rtx_pt.get(data[1] & 0x7F)
                 if rtx_pt is not None:  # RFC 4588: own SSRC and sequence, the original number before the payload
                     rtx = bytearray(data[:header_length])

@@ -37,6 +37,15 @@ class MediaProtocol(aioice.ice.StunProtocol):
     queues and tasks; STUN, DTLS and RTCP still take aioice's way (RFC 7983 demultiplexing by the first byte)."""
 
     fast: Callable[[bytes], None] | None = None
+    # the socket cannot take more (asyncio buffers what it refuses, without bound, and says so here): the packet
+    # path drops until it drains, as a congested link would, rather than queue media that is stale by then
+    paused = False
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
 
     def datagram_received(self, data: bytes | str, addr: tuple[Any, ...]) -> None:
         fast = self.fast

@@ -4,6 +4,8 @@ Redis with its load every `SFU_HEARTBEAT_SECONDS`.
 Control interface (every request carries `Authorization: Bearer <SFU_SECRET>`, else 401):
 - `POST /rooms/{room_id}/participants/{participant_id}/offer` `{"sdp", "type": "offer"}` → 200
   `{"sdp", "type": "answer"}`; 409 `{"reason": "room_full"}` for a third participant.
+- `POST /rooms/{room_id}/participants/{participant_id}/candidates` `{"candidate": "<SDP line>" | null}` → 204: a
+  trickled ICE candidate of the participant's current connection (null: no more); 422 `invalid_candidate`.
 - `DELETE /rooms/{room_id}` → 204 (idempotent).
 - `GET /health` → `{"node", "rooms", "participants", "streams"}`.
 Errors answer `{"reason", "detail"}`.
@@ -24,7 +26,7 @@ import re
 import secrets
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from typing import Any
 
 import msgspec
@@ -39,9 +41,10 @@ from redis.exceptions import RedisError
 
 from app.errors import DomainError, Invalid, NotAuthenticated
 from app.observability import configure_logging
-from app.rtc.placement import HEARTBEAT_LIVES, PLACED_PREFIX, REGISTRY_PREFIX, AnswerBody, NodeStatus, OfferBody
+from app.rtc.placement import AnswerBody, CandidateBody, NodeStatus, OfferBody, deregister, register
 from app.rtc.sfu.engine import Sfu
 from app.settings import Settings
+from app.tasks import cancel_until_done
 
 log = logging.getLogger("app.rtc.sfu.node")
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # room and participant ids: the API's UUIDs, a benchmark's names
@@ -87,6 +90,15 @@ async def offer(room_id: FromPath[str], participant_id: FromPath[str], data: JSO
     except ValueError as exc:  # aiortc's word for SDP it cannot read or negotiate
         raise Invalid(f"the offer cannot be answered: {exc}", reason="invalid_offer") from exc
     return AnswerBody(sdp=sdp, type=type_)
+
+
+@post("/rooms/{room_id:str}/participants/{participant_id:str}/candidates", status_code=204)
+async def candidate(room_id: FromPath[str], participant_id: FromPath[str], data: JSONBody[CandidateBody],
+                    request: Request[Any, Any, Any]) -> None:
+    if data.candidate is not None and len(data.candidate) > 1024:  # one SDP line is a few hundred bytes
+        raise Invalid("the ICE candidate is too long", reason="invalid_candidate")
+    sfu: Sfu = request.app.state.sfu
+    await sfu.candidate(_checked_id(room_id, "room"), _checked_id(participant_id, "participant"), data.candidate)
 
 
 @delete("/rooms/{room_id:str}")
@@ -146,12 +158,7 @@ class Node:
         API counted since the last one (they are in the load now, or never came)."""
         if self.redis is None:  # no registry: the API asks the node itself
             return
-        value = msgspec.json.encode(self.status())
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(REGISTRY_PREFIX + self.url, value,
-                     px=int(self.settings.sfu_heartbeat_seconds * HEARTBEAT_LIVES * 1000))
-            pipe.delete(PLACED_PREFIX + self.name)
-            await pipe.execute()
+        await register(self.redis, self.name, msgspec.json.encode(self.status()), self.settings.sfu_heartbeat_seconds)
 
     async def keep_beating(self) -> None:
         while True:
@@ -177,15 +184,11 @@ class Node:
     async def stop(self) -> None:
         """Deregister first (no more rooms placed here), then close every room."""
         if self.beating is not None:
-            self.beating.cancel()
-            with suppress(asyncio.CancelledError):
-                await self.beating
+            await cancel_until_done(self.beating)  # a Redis call can swallow one cancel (app/tasks.py)
         if self.redis is not None:
             try:
                 # only this process's registration: a successor on the same address may have written its own
-                current = await asyncio.wait_for(self.redis.get(REGISTRY_PREFIX + self.url), STOP_STEP_SECONDS)
-                if current is not None and msgspec.json.decode(current, type=NodeStatus).node == self.name:
-                    await asyncio.wait_for(self.redis.delete(REGISTRY_PREFIX + self.url), STOP_STEP_SECONDS)
+                await asyncio.wait_for(deregister(self.redis, self.name), STOP_STEP_SECONDS)
             except (RedisError, OSError, TimeoutError, msgspec.DecodeError) as exc:  # it expires by itself
                 log.warning("SFU deregistration failed", extra={"error": repr(exc)})
         if self.owns_sfu:
@@ -210,7 +213,7 @@ def create_node_app(settings: Settings, sfu: Sfu | None = None) -> Litestar:
         finally:
             await node.stop()
 
-    app = Litestar(route_handlers=[offer, close_room, health], guards=[node.authorize], lifespan=[lifespan],
+    app = Litestar(route_handlers=[offer, candidate, close_room, health], guards=[node.authorize], lifespan=[lifespan],
                    exception_handlers={Exception: _refusal}, request_max_body_size=MAX_BODY_BYTES,
                    openapi_config=None, logging_config=None, debug=False)
     app.state.node = node

@@ -226,7 +226,8 @@
   async function join(id) {
     let iceServers = [];
     try {
-      iceServers = await api("GET", "/api/v1/rtc/ice-servers");
+      // TURN credentials come only for a live call of ours: name it
+      iceServers = await api("GET", `/api/v1/rtc/ice-servers?call_id=${encodeURIComponent(id)}`);
     } catch (error) {
       console.warn("no ICE servers; host candidates only", error);
     }
