@@ -52,7 +52,7 @@ from app.notifications.sms import SmsSender
 from app.outbox import OutboxEvent
 from app.rtc.models import Call
 from app.settings import Settings
-from app.tasks import cancel_until_done
+from app.tasks import cancel_until_done, set_event_from_any_thread
 
 log = logging.getLogger("app.notifications")
 CHANNEL = "clinic:outbox"  # Redis: "rows were committed", heard by every worker
@@ -186,17 +186,7 @@ class OutboxWorker:
 
     def nudge(self) -> None:
         """Start a pass now; callable from any thread (a commit on another event loop, as in tests)."""
-        if self._loop is None:
-            return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is self._loop:
-            self.wake.set()
-        else:
-            with contextlib.suppress(RuntimeError):  # that loop has closed: nobody to wake
-                self._loop.call_soon_threadsafe(self.wake.set)
+        set_event_from_any_thread(self._loop, self.wake)
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()

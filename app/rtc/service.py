@@ -37,6 +37,7 @@ from app.errors import Conflict, DomainError, Forbidden, Invalid, NotVisible, Un
 from app.rtc.models import Call
 from app.rtc.schemas import CallState, DeliveredVia, EndReason
 from app.settings import Settings
+from app.tasks import set_event_from_any_thread
 
 if TYPE_CHECKING:
     from app.rtc.placement import SfuDirectory
@@ -408,17 +409,7 @@ class CallKeeper:
 
     def wake(self) -> None:
         """A call started: its deadline may be the nearest. Callable from any thread."""
-        if self._loop is None:
-            return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is self._loop:
-            self._wake.set()
-        else:
-            with contextlib.suppress(RuntimeError):  # that loop has closed
-                self._loop.call_soon_threadsafe(self._wake.set)
+        set_event_from_any_thread(self._loop, self._wake)
 
     def close_later(self, rooms: Sequence[Room]) -> None:
         """Close these rooms' media in the background (tracked: `run` and `closed` await them). Any thread."""
