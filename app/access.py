@@ -134,7 +134,7 @@ def may_read_any_card(viewer: Viewer) -> bool:
     """Roles that read any card without a care relationship: the front desk (registrars, admins).
 
     Methodists read none by id: they are to see the cards of patients behind an analysis in their inbox, a
-    grant the documents inbox gives per patient (ConsultationService.patient_card), never a role-wide one."""
+    grant the documents inbox gives per patient (app/consultations/card.py), never a role-wide one."""
     return viewer.has_any((Role.REGISTRAR, Role.ADMIN))
 
 

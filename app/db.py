@@ -14,6 +14,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
+from app.reads import Reads
 from app.settings import Settings
 
 Base = UUIDv7AuditBase
@@ -40,11 +41,13 @@ class Database:
             # a steady pool sized for the expected concurrency: overflow connections churn and starve waiters
             self.engine = create_async_engine(url, pool_size=settings.db_pool_size,
                                               max_overflow=settings.db_pool_size // 4, pool_timeout=10, **options)
+        self.reads = Reads(self.engine, url, settings.db_read_pool_size, settings.db_read_timeout_seconds)
         self.writer = async_sessionmaker(self.engine, expire_on_commit=False)
         self.reader = async_sessionmaker(self.engine.execution_options(isolation_level="AUTOCOMMIT"),
                                          expire_on_commit=False)
 
     async def dispose(self) -> None:
+        await self.reads.close()
         await self.engine.dispose()
 
 

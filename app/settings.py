@@ -198,6 +198,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     metrics_address: str | None = None
     demo_data: bool = False  # load the demo clinic on first start (make run sets it)
     db_pool_size: int = 40  # PostgreSQL connections kept per process (a quarter more may open at peaks)
+    # PostgreSQL connections of the hot reads (app/reads.py), beside DB_POOL_SIZE; a read holds one for a
+    # fraction of a millisecond, so a few carry a worker's reads
+    db_read_pool_size: int = 10
+    db_read_timeout_seconds: float = 10.0  # a hot read that takes longer is cancelled and answered 503
 
     @property
     def resolved_database_url(self) -> str:

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import params
 from app.access import ADMINS, PATIENTS, PUBLIC, STAFF_READERS, Viewer, require_roles, signed_in
+from app.accounts import reads
 from app.accounts.models import Device, User
 from app.accounts.schemas import (
     DependentIn,
@@ -35,6 +36,7 @@ from app.accounts.schemas import (
 from app.accounts.service import AccountService, Login, Me
 from app.audit.service import audit_trail
 from app.clientaddr import client_address
+from app.consultations import card
 from app.consultations.service import ConsultationService
 from app.errors import Invalid
 from app.notifications.models import STAFF_TOPICS, TOPICS
@@ -120,8 +122,8 @@ class MeController(Controller):
     dependencies = {"accounts": Provide(provide_accounts)}
 
     @get("/", guards=[signed_in])
-    async def get_me(self, request: Request[Viewer, Any, Any], accounts: NamedDependency[AccountService]) -> MeOut:
-        return me_out(await accounts.me(request.user))
+    async def get_me(self, request: Request[Viewer, Any, Any]) -> MeOut:
+        return await reads.me(request.app.state.database.reads, request.user)
 
     @patch("/", guards=[signed_in])
     async def update_me(self, request: Request[Viewer, Any, Any], accounts: NamedDependency[AccountService],
@@ -134,9 +136,8 @@ class MeController(Controller):
         return dependent_out(await accounts.add_dependent(request.user, data))
 
     @get("/dependents", guards=[require_roles(*PATIENTS)])
-    async def list_dependents(self, request: Request[Viewer, Any, Any],
-                              accounts: NamedDependency[AccountService]) -> Page[DependentOut]:
-        return Page(items=[dependent_out(d) for d in await accounts.dependents(request.user)])
+    async def list_dependents(self, request: Request[Viewer, Any, Any]) -> Page[DependentOut]:
+        return Page(items=await reads.dependents(request.app.state.database.reads, request.user))
 
 
 class StaffController(Controller):
@@ -172,10 +173,10 @@ class PatientController(Controller):
     dependencies = {"consultations": Provide(provide_consultations)}
 
     @get("/{patient_id:uuid}", guards=[signed_in])
-    async def get_patient(self, request: Request[Viewer, Any, Any],
-                          consultations: NamedDependency[ConsultationService],
-                          patient_id: FromPath[UUID]) -> PatientCardOut:
-        return PatientCardOut(**await consultations.patient_card(request.user, patient_id, audit=audit_trail(request)))
+    async def get_patient(self, request: Request[Viewer, Any, Any], patient_id: FromPath[UUID]) -> PatientCardOut:
+        state = request.app.state
+        return await card.patient_card(state.database.reads, request.user, patient_id,
+                                       state.settings.care_after_days, audit_trail(request))
 
 
 class DeviceController(Controller):

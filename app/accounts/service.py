@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID, uuid4
@@ -295,9 +296,6 @@ class AccountService:
         await self.session.flush()
         return dependent
 
-    async def dependents(self, viewer: Viewer) -> list[User]:
-        return (await self.me(viewer)).dependents
-
     async def acting_patient(self, viewer: Viewer, patient_id: UUID | None) -> UUID:
         """The patient a request acts for: the caller, or one of their dependents; anyone else is 404."""
         if patient_id is None or patient_id == viewer.id:
@@ -405,20 +403,6 @@ class AccountService:
         return briefs
 
     # --- patient cards, through the secrecy masks ----------------------------------------------
-
-    async def patient(self, patient_id: UUID) -> User:
-        """A patient's account (not staff, not a bare account), or 404. Whether the caller may read the card
-        is decided above (ConsultationService.patient_card: who is in whose care lives with consultations)."""
-        patient = await self.session.get(User, patient_id)
-        if patient is None or patient.is_staff or (patient.phone is None and patient.guardian_id is None):
-            raise NotVisible("patient not found")
-        return patient
-
-    @staticmethod
-    def masked_card(viewer: Viewer, patient: User) -> dict[str, Any]:
-        """The card through the secrecy masks (the patient and their guardian see it all)."""
-        acts_for = [patient.id] if patient.guardian_id == viewer.id else []
-        return access.mask_patient(card_of(patient), access.visible_card_fields(viewer, patient.id, acts_for))
 
     # --- staff ---------------------------------------------------------------------------------
 
@@ -545,19 +529,24 @@ def inactive() -> Forbidden:
     return Forbidden("this account is deactivated: ask the clinic's administrator", "account_inactive")
 
 
-def card_of(patient: User) -> dict[str, Any]:
+CARD_COLUMNS = ("id", "full_name", "birth_date", "sex", "guardian_id", "phone", "timezone", "questionnaire")
+
+
+def card_from(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A patient's card, unmasked, from their account's CARD_COLUMNS."""
+    born = row["birth_date"]
     return {
-        "id": patient.id,
-        "full_name": patient.full_name,
-        "initials": initials(patient.full_name),
-        "birth_date": patient.birth_date,
-        "age": age_on(patient.birth_date, dt.date.today()) if patient.birth_date else None,
-        "sex": patient.sex,
-        "is_dependent": patient.guardian_id is not None,
-        "phone": patient.phone,
-        "timezone": patient.timezone,
-        "guardian_id": patient.guardian_id,
-        "questionnaire": patient.questionnaire,
+        "id": row["id"],
+        "full_name": row["full_name"],
+        "initials": initials(row["full_name"]),
+        "birth_date": born,
+        "age": age_on(born, dt.date.today()) if born else None,
+        "sex": row["sex"],
+        "is_dependent": row["guardian_id"] is not None,
+        "phone": row["phone"],
+        "timezone": row["timezone"],
+        "guardian_id": row["guardian_id"],
+        "questionnaire": row["questionnaire"],
     }
 
 

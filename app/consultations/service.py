@@ -22,7 +22,6 @@ from app.chat.service import ChatService, Window
 from app.consultations.lifecycle import ENDED, OPEN_FOR_CHAT, STATUS_PHRASES, TIMING_DETAILS, TRANSITIONS, Party
 from app.consultations.models import AnalysisOrder, Conclusion, Consultation, Rating
 from app.consultations.schemas import AnalysisStatus, BookIn, ConclusionIn, Format, PayIn, RatingIn, Status
-from app.documents.grants import card_granted
 from app.errors import Conflict, Forbidden, Invalid, NotVisible, Unavailable
 from app.notifications import reminders
 from app.payments.models import Payment
@@ -51,7 +50,12 @@ CARING = (Status.CONFIRMED, Status.IN_PROGRESS)
 
 def caring(care_after_days: int) -> Any:
     """SQL: this consultation puts its patient in its specialist's care now."""
-    since = utcnow() - dt.timedelta(days=care_after_days)
+    return caring_since(utcnow() - dt.timedelta(days=care_after_days))
+
+
+def caring_since(since: Any) -> Any:
+    """SQL: `caring`, with the moment care lapses before given (a value, or a bind parameter of a statement
+    built once)."""
     return or_(and_(Consultation.status.in_(CARING), Consultation.ends_at >= since),  # a visit never closed lapses
                and_(Consultation.status == Status.COMPLETED,
                     func.coalesce(Consultation.completed_at, Consultation.ends_at) >= since))
@@ -186,22 +190,6 @@ class ConsultationService:
         """Whether the caller, a clinician, is in care of the patient now (the rule: `in_care` above)."""
         return access.is_clinician(viewer) and await in_care(self.session, viewer.id, patient_id,
                                                              self.settings.care_after_days)
-
-    async def patient_card(self, viewer: Viewer, patient_id: UUID, *, audit: AuditTrail | None = None
-                           ) -> dict[str, Any]:
-        """The card, masked for the caller: their own or a dependent's, the front desk's, or a clinician's
-        in care of the patient; anyone else gets 404. A staff read is audited (whatever the mask lets through:
-        that a person is the clinic's patient is a secret too)."""
-        patient = await self.accounts.patient(patient_id)
-        own = patient.id == viewer.id or patient.guardian_id == viewer.id
-        # methodists read no card by id: the documents inbox grants those of patients behind an analysis in it,
-        # and a forwarded analysis its patient's to the specialist it went to (app/documents/grants.py)
-        if not own and not access.may_read_any_card(viewer) and not await self.in_care(viewer, patient.id) \
-                and not await card_granted(self.session, viewer, patient.id):
-            raise NotVisible("patient not found")
-        if audit is not None:
-            audit.read("card.read", "patient", patient.id, patient.id, own=own)
-        return self.accounts.masked_card(viewer, patient)
 
     async def _party(self, viewer: Viewer, visit: Consultation) -> Party:
         for_patient = visit.patient_id == viewer.id or (

@@ -1,27 +1,25 @@
-"""What the documents inbox grants beyond documents, in a module that imports no service: the consultation
-service asks it whether a caller may read a patient's card because of an analysis (no import cycle)."""
+"""What the documents inbox grants beyond documents, in a module that imports no service: the card read
+(app/consultations/card.py) asks it whether a caller may read a patient's card because of an analysis."""
 
 from __future__ import annotations
 
-from uuid import UUID
+from typing import Any
 
-from sqlalchemy import exists, or_, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import exists
 
-from app.access import Role, Viewer
+from app.access import Role
 from app.documents.models import Document, DocumentShare
 
+SHARED_WITH = frozenset({Role.DOCTOR, Role.PSYCHOLOGIST, Role.SONOGRAPHER, Role.MASSAGE_THERAPIST})
 
-async def card_granted(session: AsyncSession, viewer: Viewer, patient_id: UUID) -> bool:
-    """A methodist reads the card (masked to what identifies the patient) of anyone behind an analysis in the
-    inbox; a specialist an analysis was forwarded to reads the card of its patient."""
-    reasons = []
-    if Role.METHODIST in viewer.roles:
-        reasons.append(exists().where(Document.patient_id == patient_id, Document.kind == "analysis",
-                                      Document.inbox_status.is_not(None)))
-    if viewer.roles & {Role.DOCTOR, Role.PSYCHOLOGIST, Role.SONOGRAPHER, Role.MASSAGE_THERAPIST}:
-        reasons.append(exists().where(DocumentShare.specialist_id == viewer.id,
-                                      DocumentShare.document_id == Document.id, Document.patient_id == patient_id))
-    if not reasons:
-        return False
-    return bool(await session.scalar(select(or_(*reasons))))
+
+def in_inbox(patient_id: Any) -> Any:
+    """SQL: an analysis of this patient is in the methodists' inbox."""
+    return exists().where(Document.patient_id == patient_id, Document.kind == "analysis",
+                          Document.inbox_status.is_not(None))
+
+
+def shared_with(specialist_id: Any, patient_id: Any) -> Any:
+    """SQL: an analysis of this patient was forwarded to this specialist."""
+    return exists().where(DocumentShare.specialist_id == specialist_id, DocumentShare.document_id == Document.id,
+                          Document.patient_id == patient_id)
