@@ -59,6 +59,7 @@ bench: install-test services-packages
 	$(BIN)/python -m tests.harness $(BIN)/python -m bench.notifications
 	$(BIN)/python -m tests.harness $(BIN)/python -m bench.documents
 	$(BIN)/python -m tests.harness $(BIN)/python -m bench.audit
+	$(BIN)/python -m tests.harness $(BIN)/python -m bench.reads
 	$(BIN)/python -m bench.sfu
 
 clean:

@@ -7,6 +7,7 @@ viewer see"; every way out of the system (REST, events, exports) builds patient 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -214,8 +215,13 @@ DOCUMENT_GRANTS: Mapping[Role, tuple[DocumentGrant, ...]] = {
 
 def document_grants(viewer: Viewer) -> tuple[DocumentGrant, ...]:
     """Every grant the viewer's roles give (an unknown role gives none)."""
+    return grants_of(viewer.roles)
+
+
+@functools.lru_cache(maxsize=256)
+def grants_of(roles: frozenset[Role]) -> tuple[DocumentGrant, ...]:
     seen: dict[DocumentGrant, None] = {}
-    for role in sorted(viewer.roles):
+    for role in sorted(roles):
         seen.update(dict.fromkeys(DOCUMENT_GRANTS.get(role, ())))
     return tuple(seen)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Protocol
 
 from redis.asyncio import Redis
@@ -19,8 +20,21 @@ class RateLimiter(Protocol):
     async def peek(self, key: str) -> tuple[int, int]:
         """Without counting: the events in the key's current window and the seconds it has left ((0, 0): none)."""
 
+    async def hit_in_turn(self, steps: list[Step]) -> tuple[int, int]:
+        """Several limits in one step, in order, stopping at the first refused: (its index, the seconds until
+        its window frees), or (-1, 0) when all allowed. A step that counts is `hit`; one that does not is
+        refused when its key already holds `limit` events (one more would be too many) and counts nothing."""
+
     async def give_back(self, key: str) -> None:
         """Uncount one event hit counted (an attempt counted up front that turned out not to spend the budget)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    key: str
+    limit: int
+    window_seconds: int
+    counts: bool = True
 
 
 class InProcessLimiter:
@@ -48,6 +62,17 @@ class InProcessLimiter:
         ends, count = self._windows.get(key, (0.0, 0))
         left = ends - time.monotonic()
         return (count, max(1, math.ceil(left))) if left > 0 else (0, 0)
+
+    async def hit_in_turn(self, steps: list[Step]) -> tuple[int, int]:
+        for i, step in enumerate(steps):
+            if step.counts:
+                wait = await self.hit(step.key, step.limit, step.window_seconds)
+            else:
+                count, left = await self.peek(step.key)
+                wait = left if count >= step.limit else 0
+            if wait:
+                return i, wait
+        return -1, 0
 
     async def give_back(self, key: str) -> None:
         ends, count = self._windows.get(key, (0.0, 0))
@@ -81,11 +106,34 @@ return 0
 """
 
 
+# Steps in order (ARGV: limit, window, counts per key), stopping at the first refused: {index from 1, wait}
+# or {0, 0}. A counting step is HIT_SCRIPT's; a checking one is refused when its key holds `limit` events.
+HIT_IN_TURN_SCRIPT = """
+for i, key in ipairs(KEYS) do
+  local limit = tonumber(ARGV[3 * i - 2])
+  if ARGV[3 * i] == '1' then
+    local count = redis.call('INCR', key)
+    local ttl = redis.call('TTL', key)
+    if ttl < 0 then
+      redis.call('EXPIRE', key, ARGV[3 * i - 1])
+      ttl = tonumber(ARGV[3 * i - 1])
+    end
+    if count > limit then return {i, math.max(ttl, 1)} end
+  else
+    local count = tonumber(redis.call('GET', key) or '0')
+    if count >= limit then return {i, math.max(redis.call('TTL', key), 1)} end
+  end
+end
+return {0, 0}
+"""
+
+
 class RedisLimiter:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
         self._script = redis.register_script(HIT_SCRIPT)
         self._give_back = redis.register_script(GIVE_BACK_SCRIPT)
+        self._in_turn = redis.register_script(HIT_IN_TURN_SCRIPT)
 
     async def hit(self, key: str, limit: int, window_seconds: int) -> int:
         return (await self.hit_many([key], limit, window_seconds))[0]
@@ -105,3 +153,10 @@ class RedisLimiter:
 
     async def give_back(self, key: str) -> None:
         await self._give_back(keys=[f"limit:{key}"])
+
+    async def hit_in_turn(self, steps: list[Step]) -> tuple[int, int]:
+        if not steps:
+            return -1, 0
+        index, wait = await self._in_turn(keys=[f"limit:{s.key}" for s in steps],
+                                          args=[a for s in steps for a in (s.limit, s.window_seconds, int(s.counts))])
+        return int(index) - 1, int(wait) if int(index) else 0

@@ -46,7 +46,7 @@ from app.limits import InProcessLimiter, RedisLimiter
 from app.notifications.controllers import OutboxController
 from app.notifications.push import push_sender
 from app.notifications.sms import sms_sender
-from app.notifications.worker import CommitNudgingBus, OutboxWorker, RedisNudge
+from app.notifications.worker import OutboxWorker, RedisNudge
 from app.observability import (
     configure_logging,
     metrics_allowed,
@@ -171,10 +171,10 @@ def create_app(settings: Settings) -> Litestar:
             await asyncio.wait_for(revocations_known.wait(), settings.redis_timeout_seconds * 2)
         except TimeoutError:
             log.warning("recent revocations not loaded at start; still trying")
-        # the chat commits its pushes' outbox rows over a raw connection: its publish after the commit wakes the
-        # outbox workers instead of a session's commit
+        # the chat commits its pushes' outbox rows over a raw connection: the queue wakes the outbox workers
+        # after a group that staged some (most groups stage none: every recipient has a socket in the foreground)
         sends = SendQueue(database, SendRules(settings, app.state.limiter, app.state.presence),
-                          CommitNudgingBus(bus), settings.chat_send_writers,
+                          bus, settings.chat_send_writers,
                           timeout=settings.chat_write_timeout_seconds)
         app.state.sends = sends
         writers = asyncio.create_task(sends.run())

@@ -86,6 +86,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     fcm_project_id: str | None = None  # None: the service account's project
     fcm_endpoint: str = "https://fcm.googleapis.com"  # a local stand-in in tests
     fcm_timeout_seconds: float = 10.0  # one HTTP request to FCM; past it the push is retried later
+    fcm_ca_file: str | None = None  # trust for FCM's and the token endpoint's certificates; None: the system store
     # APNs VoIP (iOS calls): PushKit pushes that firebase-admin cannot send; all four of key file, key id, team id
     # and topic are needed to enable it
     apns_key_file: str | None = None  # the .p8 signing key (ES256) from the Apple developer account

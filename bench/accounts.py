@@ -126,6 +126,8 @@ async def scenario_login(clients: list[Http], inbox: SmsInbox, pids: Pids, login
         "requested": logins, "attempted": out.attempted, "ok": len(out.login),
         "timed_out": time.monotonic() >= deadline and out.attempted < logins,
         "logins_per_s": round(len(out.login) / usage["wall_s"], 1) if usage["wall_s"] else 0.0,
+        # both requests of a login (otp and token), from the server's CPU over the scenario
+        "server_cpu_ms_per_login": round(1000 * usage["server_cpu_s"] / len(out.login), 2) if out.login else None,
         **latency_summary(out.login),
         "otp_step": latency_summary(out.otp), "token_step": latency_summary(out.token),
         "errors": out.errors.total, "error_kinds": dict(out.errors.counts), "error_samples": out.errors.samples,
@@ -155,6 +157,8 @@ def print_table(result: dict[str, Any]) -> None:
         ("errors / non-200", f"{a['errors']}", f"{b['errors']} / {b['wrong_in_window']} in window"),
         ("wall s", f"{a['wall_s']}", f"{b['wall_s']} (+{result['config']['warmup_s']} warm-up)"),
         ("server CPU s", f"{a['server_cpu_s']}", f"{b['server_cpu_s']}"),
+        ("server CPU ms per login / GET", f"{a['server_cpu_ms_per_login']}",
+         f"{round(1000 * b['server_cpu_s'] / b['requests'], 2) if b['requests'] else None}"),
         ("client CPU s", f"{a['client_cpu_s']}", f"{b['client_cpu_s']}"),
         ("postgres CPU s", known(a["postgres_cpu_s"], pids["postmaster"]),
          known(b["postgres_cpu_s"], pids["postmaster"])),

@@ -1,14 +1,20 @@
 """Load benchmark of chat delivery: POST a message, time it until the other side's WebSocket hears it.
 
     python -m tests.harness python -m bench.chat [--clients 1000] [--rates 100,500,1000] [--seconds 15]
+    ... bench.chat --pin --clients 100 --rates 200,500,750          # the one-core setup: 50 pairs
+    ... bench.chat --clients 10000 --chatting 0.01 --sweep 2500,5000,10000 --rates 100   # many sockets
 
 It makes a fresh PostgreSQL database, migrates it, writes N/2 patients, N/2 endocrinologists, one
 conversation per patient-doctor pair and an open chat window for each straight into the database (asyncpg
 COPY), mints their access tokens with the server's own TokenIssuer and the JWT keys it hands the server, and
-starts `python -m app serve` (one worker) as a child process. This process is the load generator:
+starts `python -m app serve` (one worker; WORKERS=2 through --server-env) as a child process. This process is
+the load generator:
 
-  - N WebSocket clients (`websockets`, one per user) on /api/v1/ws, each pinging every ~10 s; one the server
-    drops reconnects and resumes from the last frame id it saw, as the apps do (at most 3 times);
+  - N WebSocket clients (`websockets`, one per user) on /api/v1/ws, each pinging every --ping-interval
+    seconds (10); one the server drops reconnects and resumes from the last frame id it saw, as the apps do
+    (at most 3 times). With --sweep they open in steps, the server's RSS (and MiB per 1000 sockets over its
+    idle RSS) printed after each;
+  - --chatting F: only the first F of the pairs send; the others only hold their sockets and ping;
   - for each rate R: a warm-up, then a fixed time in which messages go out on a fixed timetable of R per
     second (open loop: a slow server does not slow the timetable; a send that starts more than 10 ms after
     its slot is counted late), alternately from the patient and the doctor of a random pair, each a
@@ -23,12 +29,19 @@ starts `python -m app serve` (one worker) as a child process. This process is th
 This process collects its garbage between rates, never during one: a collector pause here would hold back
 the timestamps of frames already received and read as server latency.
 
-Per rate it reports messages sent, POST errors, delivered, lost, duplicates, latencies, and the CPU seconds of
-the server, this load generator, PostgreSQL and Redis, and the server's RSS; then the highest rate whose
-delivery p99 stayed under 50 ms (with nothing lost, no POST error and at most 1% of sends late). A table,
-then one JSON line. Exit status 1 when anything was lost or duplicated, a frame id came out of order, or the
-server dropped a socket. Sockets open with a bounded concurrency, each answering a first ping before the next
-ones start: the server's Redis pool raises once 100 commands are in flight (see connect_all).
+--pin puts the server (every thread and worker), PostgreSQL (the postmaster and its backends) and Redis on
+core 0 and this process on core 1, and puts them back on every core afterwards. This process's open-file
+limit is raised to its hard limit, and the server child starts with the same (the app's defaults are not
+touched).
+
+Per rate it reports messages sent, POST errors, delivered, lost, duplicates, latencies, the generator's own
+lateness against its timetable (p50/p99: a late generator under-loads the server), the CPU seconds of the
+server, this load generator, PostgreSQL and Redis, steal and iowait, and the server's RSS; then the highest
+rate whose delivery p99 stayed under 50 ms (with nothing lost, no POST error and at most 1% of sends late). Its
+heading says the conditions (bench/conditions.py): a fixed CPU-speed probe before and after the run, steal
+and iowait over it, the load average, the cores. A table, then one JSON line. Exit status 1 when anything was
+lost or duplicated, a frame id came out of order, or the server dropped a socket. Sockets open with a bounded
+concurrency, each answering a first ping before the next ones start (see connect_all).
 """
 
 from __future__ import annotations
@@ -38,6 +51,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import gc
+import itertools
 import math
 import os
 import random
@@ -45,6 +59,7 @@ import re
 import resource
 import secrets
 import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -63,6 +78,7 @@ from app.accounts.tokens import TokenIssuer
 from app.settings import Settings
 from bench.common import (
     HOST,
+    ROOT,
     TRANSPORT_ERRORS,
     CpuSnapshot,
     DbStats,
@@ -77,20 +93,25 @@ from bench.common import (
     free_port,
     known,
     latency_summary,
+    parent_pid,
     pg_dsn,
+    proc_cpu_seconds,
     proc_memory_mib,
     run_benchmark,
-    start_server,
+    server_env,
     stop_server,
     tail,
     wait_ready,
 )
+from bench.conditions import Conditions, CpuTimes, Lateness, cpu_shares, describe
 
 LATE_S = 0.010  # a send starting later than this after its slot in the timetable is late
 STRAGGLER_S = 10.0  # how long after a rate's run a 201 message may still arrive before it counts as lost
 POST_DRAIN_S = 15.0  # how long after a rate's run sends still waiting or in flight may take; then abandoned
-PING_INTERVAL_S = 10.0
+PING_INTERVAL_S = 10.0  # the default; --ping-interval
+SERVER_CORE, GENERATOR_CORE = 0, 1  # --pin: the server, PostgreSQL and Redis on one core, this process on the other
 MAX_RECONNECTS = 3  # per socket, after the server dropped it
+OPEN_ATTEMPTS = 3  # per socket, for its first connect
 P99_GOAL_MS = 50.0
 PING = '{"type":"ping"}'
 UUID_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -170,6 +191,7 @@ class Phase:
     started: int = 0  # POSTs written
     late: int = 0
     max_lateness: float = 0.0
+    lateness: Lateness = field(default_factory=Lateness)  # the generator's own: slot -> its send task running
     abandoned: int = 0  # never started, or still unanswered, when the drain time ran out
     statuses: Counter[int] = field(default_factory=Counter)
     errors: Errors = field(default_factory=Errors)
@@ -210,6 +232,7 @@ class Sockets:
     urls: list[str] = field(default_factory=list)  # by user
     reconnects: int = 0
     reconnect_failures: Errors = field(default_factory=Errors)
+    open_failures: Errors = field(default_factory=Errors)  # first connects that failed (and were tried again)
     given_up: set[int] = field(default_factory=set)  # users whose socket stayed down
     readers: list[asyncio.Task[None]] = field(default_factory=list)
     closing: bool = False
@@ -300,10 +323,10 @@ class Sockets:
         self.reconnects += 1
         return ws
 
-    async def ping(self, stop: asyncio.Event) -> None:
-        """Every socket pings once per PING_INTERVAL_S, spread evenly over it; ends when `stop` is set."""
+    async def ping(self, stop: asyncio.Event, interval: float = PING_INTERVAL_S) -> None:
+        """Every socket pings once per `interval` seconds, spread evenly over it; ends when `stop` is set."""
         step = 0.1
-        per_step = max(1, math.ceil(len(self.connections) * step / PING_INTERVAL_S))
+        per_step = max(1, math.ceil(len(self.connections) * step / interval))
         i = 0
         while not stop.is_set():
             for _ in range(per_step):
@@ -322,35 +345,46 @@ async def open_socket(url: str, timeout: float) -> ClientConnection:
 
 
 async def connect_all(port: int, tokens: list[str], sockets: Sockets, concurrency: int,
-                      timeout: float) -> float:
-    """Open every user's socket, start its reader and wait for the answer to a first ping (so the server has
-    registered it and reads its frames), at most `concurrency` at once; the seconds it took.
+                      timeout: float, users: range | None = None) -> float:
+    """Open the sockets of `users` (default: everyone), start their readers and wait for the answer to a first
+    ping (so the server has registered each and reads its frames), at most `concurrency` at once; the seconds
+    it took. Called again with the next range, it opens the next users' sockets beside those already open.
 
-    Bounded on purpose: a burst of 100+ pings at once makes the server's Redis pool (redis-py's default of
-    100 connections, which raises instead of waiting) fail presence updates, and each such socket is closed
-    with 4500."""
+    Bounded so that a burst of first pings does not queue every presence update on the server's Redis pool
+    at once."""
     started = time.perf_counter()
     gate = asyncio.Semaphore(concurrency)
-    connections = sockets.connections = [None] * len(tokens)
-    sockets.urls = [f"ws://{HOST}:{port}/api/v1/ws?token={token}" for token in tokens]
+    if len(sockets.connections) != len(tokens):
+        sockets.connections = [None] * len(tokens)
+        sockets.urls = [f"ws://{HOST}:{port}/api/v1/ws?token={token}" for token in tokens]
+    connections = sockets.connections
+    users = users if users is not None else range(len(tokens))
 
     async def one(i: int) -> None:
         async with gate:
-            ws = await open_socket(sockets.urls[i], timeout)
+            for attempt in range(1, OPEN_ATTEMPTS + 1):  # an app whose first connect fails tries again
+                try:
+                    ws = await open_socket(sockets.urls[i], timeout)
+                    break
+                except (OSError, websockets.InvalidHandshake, websockets.InvalidMessage) as exc:
+                    sockets.open_failures.add(type(exc).__name__, f"user {i}, attempt {attempt}: {exc}")
+                    if attempt == OPEN_ATTEMPTS:
+                        raise
+                    await asyncio.sleep(random.uniform(0.2, 0.6))
             connections[i] = ws
             answered = sockets.awaiting[i] = asyncio.get_running_loop().create_future()
             sockets.readers.append(asyncio.create_task(sockets.read(i, ws)))
             await ws.send(PING)
             await answered
 
-    tasks = [asyncio.create_task(one(i)) for i in range(len(tokens))]
+    tasks = [asyncio.create_task(one(i)) for i in users]
     try:
         async with asyncio.timeout(timeout):
             await asyncio.gather(*tasks)
     except TimeoutError:
-        silent = [i for i in range(len(tokens)) if i not in sockets.ponged]
+        silent = [i for i in users if i not in sockets.ponged]
         states = [(i, c.state.name if (c := connections[i]) else "never opened") for i in silent[:5]]
-        raise RuntimeError(f"only {len(sockets.ponged)} of {len(tokens)} sockets answered a first ping within "
+        raise RuntimeError(f"only {len(sockets.ponged)} of {users.stop} sockets answered a first ping within "
                            f"{timeout} s; silent (user, state): {states}; {sockets.dropped.samples}") from None
     finally:
         for task in tasks:  # on a failure, the others stop too; the caller closes what is open
@@ -363,8 +397,10 @@ async def connect_all(port: int, tokens: list[str], sockets: Sockets, concurrenc
 class Sender:
     """Open-loop sends on a timetable over a fixed pool of keep-alive connections."""
 
-    def __init__(self, port: int, people: People, tokens: list[str], sockets: Sockets, connections: int) -> None:
+    def __init__(self, port: int, people: People, tokens: list[str], sockets: Sockets, connections: int,
+                 chatting: int | None = None) -> None:
         self.people = people
+        self.chatting = chatting or people.pairs  # the pairs that send: the first ones; the rest only listen
         self.tokens = tokens
         self.records = sockets.records
         self.pool: asyncio.Queue[RawConnection] = asyncio.Queue()
@@ -397,7 +433,8 @@ class Sender:
         return tasks
 
     async def send(self, phase: Phase, i: int, slot: float) -> None:
-        pair = self.rng.randrange(self.people.pairs)
+        phase.lateness.record(time.perf_counter() - slot)  # this loop's own lag, before any wait for a connection
+        pair = self.rng.randrange(self.chatting)
         patient, doctor = pair, self.people.pairs + pair
         author, recipient = (patient, doctor) if i % 2 == 0 else (doctor, patient)
         self.count += 1
@@ -461,7 +498,7 @@ def phase_report(phase: Phase, usage: dict[str, float] | None, server_pid: int, 
         "rate": phase.rate, "scheduled": phase.scheduled, "sent": phase.started,
         "created_201": len(created), "post_errors": phase.errors.total,
         "abandoned": phase.abandoned, "late_sends": phase.late,
-        "max_lateness_ms": round(phase.max_lateness * 1000, 2),
+        "max_lateness_ms": round(phase.max_lateness * 1000, 2), "generator_late": phase.lateness.summary(),
         "delivered": len(delivered), "lost": len(created) - len(delivered),
         "echo_lost": sum(1 for s in created if not s.echoed),
         "lost_to_socket_down": sum(1 for s in created if not s.delivered and s.recipient in down),
@@ -486,7 +523,7 @@ def phase_report(phase: Phase, usage: dict[str, float] | None, server_pid: int, 
         report["server_cpu_ms_per_msg"] = round(1000 * usage["server_cpu_s"] / done, 2)
         report["server_cpu_ms_per_msg_net"] = round(
             1000 * max(0.0, usage["server_cpu_s"] - idle_server_pct / 100 * wall) / done, 2)
-        report.update({f"server_{k}_mib": round(v, 1) for k, v in proc_memory_mib(server_pid).items()})
+        report.update({f"server_{k}_mib": round(v, 1) for k, v in tree_memory_mib(server_pid).items()})
     return report
 
 
@@ -522,12 +559,100 @@ def log_summary(path: Path, kinds: int = 10) -> list[str]:
     return [f"{n} x {kind}" for kind, n in counts.most_common(kinds)]
 
 
-def raise_fd_limit(needed: int) -> None:
-    """Room for every socket here and in the server (which inherits the limit)."""
+def raise_fd_limit(needed: int) -> int:
+    """Room for every socket here and in the server: this process's soft open-file limit up to its hard one
+    (the server child gets the same through preexec_fn); the soft limit now. The app's defaults stay as they
+    are: an operator sets the limit of a real deployment."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
     if soft != resource.RLIM_INFINITY and soft < needed:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard == resource.RLIM_INFINITY else min(hard, needed),
-                                                    hard))
+        raise RuntimeError(f"the open-file limit is {soft}, and {needed} are needed: raise the hard limit "
+                           f"(ulimit -Hn) or open fewer sockets")
+    return int(soft)
+
+
+def start_chat_server(database_url: str, tmp: Path, port: int, extra: dict[str, str],
+                      cores: set[int] | None) -> subprocess.Popen[bytes]:
+    """`python -m app serve` with this process's open-file limit, on `cores` when given (from its first
+    instruction on, so every thread and worker process it starts stays there)."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    def prepare() -> None:  # in the child, before exec
+        resource.setrlimit(resource.RLIMIT_NOFILE, limit)
+        if cores is not None:
+            os.sched_setaffinity(0, cores)
+
+    env = server_env(database_url, tmp, port, extra)
+    with (tmp / "server.log").open("wb") as log:
+        return subprocess.Popen([sys.executable, "-m", "app", "serve"], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, preexec_fn=prepare)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if parent_pid(int(entry.name)) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
+def process_tree(pid: int) -> list[int]:
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children(p))
+    return tree
+
+
+def tree_memory_mib(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM summed over a process and its descendants (the server's worker processes when
+    WORKERS > 1; one process otherwise)."""
+    total = {"VmRSS": 0.0, "VmHWM": 0.0}
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):
+            for key, value in proc_memory_mib(p).items():
+                total[key] += value
+    return total
+
+
+def tree_rss_mib(pid: int) -> float:
+    return tree_memory_mib(pid)["VmRSS"]
+
+
+def snapshot(pids: Pids, server_tree: list[int]) -> CpuSnapshot:
+    """CPU of every process now, the server's summed over its tree (its worker processes when WORKERS > 1)."""
+    taken = CpuSnapshot.take(pids)
+    total = 0.0
+    for p in server_tree:
+        with contextlib.suppress(OSError):
+            total += proc_cpu_seconds(p)
+    taken.server = total
+    return taken
+
+
+def pin(pids: list[int], cores: set[int]) -> int:
+    """Every thread of these processes onto `cores` (threads and children started later inherit it); how many
+    threads were moved."""
+    moved = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(tid), cores)
+                    moved += 1
+    return moved
+
+
+def affinity(pid: int) -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(pid))
+    except OSError:
+        return []
 
 
 async def run(args: argparse.Namespace, tmp: Path, loop_name: str) -> tuple[dict[str, Any], bool]:
@@ -546,27 +671,57 @@ async def run(args: argparse.Namespace, tmp: Path, loop_name: str) -> tuple[dict
     sender: Sender | None = None
     reports: list[dict[str, Any]] = []
     warmups: list[dict[str, Any]] = []
+    latenesses: list[Lateness] = []
     db = DbStats(postgres_url, db_name)
+    services: list[int] = []  # PostgreSQL's and Redis's processes, moved to the server's core by --pin
+    everywhere = set(range(os.cpu_count() or 1))
+    pinning: dict[str, Any] = {}
+    sweep: list[dict[str, float]] = []
     try:
         people = await create_people(pg_dsn(postgres_url, db_name), args.clients // 2)
         tokens = [issuer.issue_access(u, r) for u, r in zip(people.ids, people.roles, strict=True)]
         setup_db_s = time.monotonic() - t0
-        proc = start_server(db_url, tmp, port, extra)
-        ready_s = await wait_ready(proc, port, tmp / "server.log")
-        idle_rss = proc_memory_mib(proc.pid)["VmRSS"]
         redis_port = urlsplit(os.environ["TEST_REDIS_URL"]).port
-        pids = Pids(server=proc.pid, postmaster=await db.postmaster_pid(),
-                    redis=find_redis_pid(redis_port) if redis_port else None)
-        connect_s = await connect_all(port, tokens, sockets, args.connect_concurrency,
-                                               args.connect_timeout)
-        connected_rss = proc_memory_mib(proc.pid)["VmRSS"]
-        pinger = asyncio.create_task(sockets.ping(stop_pings))
-        sender = Sender(port, people, tokens, sockets, args.connections)
+        postmaster, redis_pid = await db.postmaster_pid(), find_redis_pid(redis_port) if redis_port else None
+        if args.pin:
+            # PostgreSQL's backends are forked by its postmaster: pinned, the ones it forks later stay there too
+            services = [p for p in ([postmaster] if postmaster else []) for p in process_tree(p)]
+            services += [redis_pid] if redis_pid else []
+            pinning["service_threads"] = pin(services, {SERVER_CORE})
+            pinning["generator_threads"] = pin([os.getpid()], {GENERATOR_CORE})
+        proc = start_chat_server(db_url, tmp, port, extra, {SERVER_CORE} if args.pin else None)
+        ready_s = await wait_ready(proc, port, tmp / "server.log")
+        idle_rss = tree_rss_mib(proc.pid)
+        pids = Pids(server=proc.pid, postmaster=postmaster, redis=redis_pid)
+        server_tree = process_tree(proc.pid)  # with WORKERS > 1: the supervisor and its workers, started by now
+        if args.pin:
+            pinning.update({"server": affinity(proc.pid), "generator": affinity(os.getpid()),
+                            "postgres": affinity(postmaster) if postmaster else [],
+                            "redis": affinity(redis_pid) if redis_pid else []})
+        pinning["server_nofile"] = resource.prlimit(proc.pid, resource.RLIMIT_NOFILE)[0]
+        connect_s = 0.0
+        # pings from the first socket on: the server closes one silent for WS_HEARTBEAT_SECONDS, and opening
+        # ten thousand takes longer than that
+        sockets.connections = [None] * len(tokens)
+        sockets.urls = [f"ws://{HOST}:{port}/api/v1/ws?token={token}" for token in tokens]
+        pinger = asyncio.create_task(sockets.ping(stop_pings, args.ping_interval))
+        for step in args.sweep:  # open the sockets in steps, the server's RSS after each
+            connect_s += await connect_all(port, tokens, sockets, args.connect_concurrency, args.connect_timeout,
+                                           range(sweep[-1]["sockets"] if sweep else 0, step))
+            await asyncio.sleep(0.5)  # the last sockets' first frames handled
+            rss = tree_rss_mib(proc.pid)
+            sweep.append({"sockets": step, "rss_mib": round(rss, 1),
+                          "mib_per_1000": round(1000 * (rss - idle_rss) / step, 1)})
+            print(f"{step} sockets open: server RSS {rss:.1f} MiB, {sweep[-1]['mib_per_1000']} MiB per 1000 "
+                  f"sockets", file=sys.stderr, flush=True)
+        connected_rss = sweep[-1]["rss_mib"]
+        chatting = max(1, round(people.pairs * args.chatting))
+        sender = Sender(port, people, tokens, sockets, args.connections, chatting)
         idle: dict[str, float] = {}
         if args.idle_seconds > 0:  # what the open sockets cost (pings, presence) before any message
-            before = CpuSnapshot.take(pids)
+            before = snapshot(pids, server_tree)
             await asyncio.sleep(args.idle_seconds)
-            idle = cpu_used(before, CpuSnapshot.take(pids))
+            idle = cpu_used(before, snapshot(pids, server_tree))
             idle["server_cpu_pct"] = round(100 * idle["server_cpu_s"] / (idle["wall_s"] or 1.0), 1)
         for rate in args.rates:
             if proc.poll() is not None:
@@ -581,9 +736,10 @@ async def run(args: argparse.Namespace, tmp: Path, loop_name: str) -> tuple[dict
             else:
                 warm, busy = None, set()
             phase = Phase(f"rate-{rate:g}", rate, measured=True)
-            before = CpuSnapshot.take(pids)
+            latenesses.append(phase.lateness)
+            before, cpu_before = snapshot(pids, server_tree), CpuTimes.read()
             busy |= await sender.run(phase, args.seconds)
-            after = CpuSnapshot.take(pids)
+            after, cpu_after = snapshot(pids, server_tree), CpuTimes.read()
             drain_s = await drain(phase, busy)
             gc.enable()
             if warm is not None:
@@ -593,9 +749,12 @@ async def run(args: argparse.Namespace, tmp: Path, loop_name: str) -> tuple[dict
             report = phase_report(phase, cpu_used(before, after), proc.pid, sockets.given_up,
                                   idle.get("server_cpu_pct", 0.0), answered)
             report["drain_s"] = round(drain_s, 2)
+            if cpu_before is not None and cpu_after is not None:
+                report.update(cpu_shares(cpu_before, cpu_after))
             reports.append(report)
             print(f"rate {rate:g}/s: sent {report['sent']}, delivered {report['delivered']}, lost {report['lost']}, "
-                  f"delivery p99 {report['delivery']['p99_ms']} ms, server CPU {report['server_cpu_pct']}%",
+                  f"delivery p99 {report['delivery']['p99_ms']} ms, server CPU {report['server_cpu_pct']}%, "
+                  f"generator late p99 {report['generator_late']['p99_ms']} ms",
                   file=sys.stderr, flush=True)
         if proc.poll() is not None:
             raise RuntimeError(f"server died during the run:\n{tail(tmp / 'server.log')}")
@@ -618,20 +777,26 @@ async def run(args: argparse.Namespace, tmp: Path, loop_name: str) -> tuple[dict
             task.cancel()
         await asyncio.gather(*sockets.readers, return_exceptions=True)
         code = stop_server(proc) if proc is not None else None
+        if args.pin:  # the harness's services and this process go back to every core
+            pin([*services, os.getpid()], everywhere)
         with contextlib.suppress(OSError, asyncpg.PostgresError):
             await drop_database(postgres_url, db_name)
     best = [r["rate"] for r in reports if meets_goal(r)]
     result: dict[str, Any] = {
-        "config": {"clients": args.clients, "pairs": args.clients // 2, "rates": args.rates,
+        "config": {"clients": args.clients, "pairs": args.clients // 2, "chatting_pairs": chatting,
+                   "rates": args.rates, "ping_interval_s": args.ping_interval, "pin": args.pin,
                    "seconds": args.seconds, "warmup_s": args.warmup, "http_connections": args.connections,
                    "loop": loop_name, "cores": os.cpu_count(), "server_env": dict(args.server_env)},
         "setup_db_s": round(setup_db_s, 2), "server_ready_s": round(ready_s, 2),
         "connect_s": round(connect_s, 2), "idle": idle, "server_idle_rss_mib": round(idle_rss, 1),
-        "server_connected_rss_mib": round(connected_rss, 1), "db_sessions_opened": sessions,
+        "server_connected_rss_mib": round(connected_rss, 1), "socket_sweep": sweep, "pinning": pinning,
+        "db_sessions_opened": sessions,
         "sockets": {"opened": sum(1 for c in sockets.connections if c is not None),
                     "dropped": sockets.dropped.total, "reconnects": sockets.reconnects,
                     "reconnect_failures": sockets.reconnect_failures.total,
                     "reconnect_failure_samples": sockets.reconnect_failures.samples,
+                    "open_failures": sockets.open_failures.total,
+                    "open_failure_samples": sockets.open_failures.samples,
                     "given_up": len(sockets.given_up),
                     "dropped_samples": sockets.dropped.samples, "seq_gaps": sockets.seq_gaps,
                     "seq_backwards": sockets.seq_backwards, "unknown_messages": sockets.unknown,
@@ -639,7 +804,7 @@ async def run(args: argparse.Namespace, tmp: Path, loop_name: str) -> tuple[dict
                     "pongs": sockets.pongs},
         "server_stopped_cleanly": code in (0, -signal.SIGTERM),
         "server_log": log_summary(tmp / "server.log"),
-        "pids": vars(pids), "rates": reports, "warmups": warmups,
+        "pids": vars(pids), "rates": reports, "warmups": warmups, "latenesses": latenesses,
         "best_rate_p99_under_50ms": max(best) if best else None,
     }
     everything = reports + warmups
@@ -659,6 +824,7 @@ def print_table(result: dict[str, Any]) -> None:
         row("messages sent (POSTs)", lambda r: f"{r['sent']} of {r['scheduled']}"),
         row("201 answers/s in window", lambda r: r["answered_per_s"]),
         row("sends late >10 ms", lambda r: f"{r['late_sends']} (max {r['max_lateness_ms']} ms)"),
+        row("generator late p50/p99 ms", lambda r: f"{r['generator_late']['p50_ms']}/{r['generator_late']['p99_ms']}"),
         row("abandoned at drain", lambda r: r["abandoned"]),
         row("POST 201", lambda r: r["created_201"]),
         row("POST errors", lambda r: r["post_errors"]),
@@ -681,16 +847,29 @@ def print_table(result: dict[str, Any]) -> None:
         row("redis CPU s (% core)", lambda r: f"{known(r['redis_cpu_s'], pids['redis'])} ({r['redis_cpu_pct']}%)"),
         row("other CPU s", lambda r: r["other_cpu_s"]),
         row("machine busy %", lambda r: r["machine_busy_pct"]),
+        row("steal % / iowait %", lambda r: f"{r.get('steal_pct')} / {r.get('iowait_pct')}"),
         row("server RSS MiB (peak)", lambda r: f"{r['server_VmRSS_mib']} ({r['server_VmHWM_mib']})"),
         row("drain s", lambda r: r["drain_s"]),
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    print(f"\nclinic chat benchmark: 1 server worker, {cfg['clients']} WebSocket clients ({cfg['pairs']} pairs), "
+    workers = dict(cfg["server_env"]).get("WORKERS", "1")
+    print(f"\nclinic chat benchmark: {workers} server worker(s), {cfg['clients']} WebSocket clients "
+          f"({cfg['pairs']} pairs, {cfg['chatting_pairs']} chatting), pings every {cfg['ping_interval_s']:g} s, "
           f"{cfg['http_connections']} HTTP connections, {cfg['loop']} loop, {cfg['cores']} cores; "
           f"{cfg['warmup_s']} s warm-up + {cfg['seconds']} s per rate; server ready in {result['server_ready_s']} s, "
           f"sockets connected in {result['connect_s']} s, server RSS idle {result['server_idle_rss_mib']} MiB, "
           f"with sockets {result['server_connected_rss_mib']} MiB"
           + (f"; server env {cfg['server_env']}" if cfg["server_env"] else ""))
+    print(describe(result.get("conditions", {})))
+    pinning = result["pinning"]
+    print(f"open-file limit {result['nofile']} here, {pinning.get('server_nofile')} in the server"
+          + (f"; pinned: server {pinning['server']}, postgres {pinning['postgres']}, redis {pinning['redis']}, "
+             f"load generator {pinning['generator']} (cores)" if cfg["pin"] else ""))
+    if len(result["socket_sweep"]) > 1 or cfg["clients"] >= 2000:
+        print("socket sweep: " + ", ".join(f"{s['sockets']} sockets {s['rss_mib']} MiB "
+                                           f"({s['mib_per_1000']} MiB/1000)" for s in result["socket_sweep"]))
+    else:
+        print(f"server RSS per 1000 sockets: {result['socket_sweep'][-1]['mib_per_1000']} MiB")
     for i, cells in enumerate(rows):
         print("  ".join(c.ljust(widths[j]) if j == 0 else c.rjust(widths[j]) for j, c in enumerate(cells)))
         if i == 0:
@@ -701,7 +880,8 @@ def print_table(result: dict[str, Any]) -> None:
               f"({idle['server_cpu_pct']}% of a core), load generator {idle['client_cpu_s']} s, "
               f"postgres {idle['postgres_cpu_s']} s, redis {idle['redis_cpu_s']} s")
     s = result["sockets"]
-    print(f"sockets: {s['opened']} opened, {s['dropped']} dropped by the server, {s['reconnects']} reconnected "
+    print(f"sockets: {s['opened']} opened ({s['open_failures']} first connects failed and were tried again), "
+          f"{s['dropped']} dropped by the server, {s['reconnects']} reconnected "
           f"and resumed, {s['reconnect_failures']} reconnects failed, {s['given_up']} stayed down; "
           f"frame id gaps {s['seq_gaps']}, "
           f"out of order {s['seq_backwards']}, unknown messages {s['unknown_messages']}, "
@@ -710,7 +890,7 @@ def print_table(result: dict[str, Any]) -> None:
         if w["lost"] or w["echo_lost"] or w["duplicates"] or w["post_errors"]:
             print(f"warm-up at {w['rate']:g}/s: lost {w['lost']}, echo lost {w['echo_lost']}, "
                   f"duplicates {w['duplicates']}, POST errors {w['post_errors']}")
-    for sample in s["dropped_samples"] + s["reconnect_failure_samples"]:
+    for sample in s["dropped_samples"] + s["reconnect_failure_samples"] + s["open_failure_samples"]:
         print(f"socket: {sample}")
     for r in reports:
         for sample in r["error_samples"]:
@@ -737,6 +917,13 @@ def rate_list(text: str) -> list[float]:
     return rates
 
 
+def count_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError("expected counts like 2500,5000,10000") from exc
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.chat", description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=1000, help="WebSocket clients, half patients (default 1000)")
@@ -749,6 +936,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=64, help="keep-alive HTTP connections (default 64)")
     p.add_argument("--connect-concurrency", type=int, default=50, help="sockets opening at once (default 50)")
     p.add_argument("--connect-timeout", type=float, default=60.0, help="for all sockets to open (default 60)")
+    p.add_argument("--pin", action="store_true",
+                   help=f"the server, PostgreSQL and Redis on core {SERVER_CORE}, this load generator on core "
+                        f"{GENERATOR_CORE} (the one-core setup: --pin --clients 100 --rates 200,500,750)")
+    p.add_argument("--chatting", type=float, default=1.0,
+                   help="the share of pairs that send; the others only hold their sockets (default 1)")
+    p.add_argument("--sweep", type=count_list, default=None,
+                   help="open the sockets in steps, the server's RSS after each, e.g. 2500,5000,10000 "
+                        "(default: all at once; the last step must be --clients)")
+    p.add_argument("--ping-interval", type=float, default=PING_INTERVAL_S,
+                   help=f"seconds between one socket's pings (default {PING_INTERVAL_S:g}; the server drops a "
+                        f"socket silent for WS_HEARTBEAT_SECONDS, 30 by default)")
     p.add_argument("--server-env", type=env_pair, action="append", default=[], metavar="NAME=VALUE",
                    help="extra server setting, e.g. DB_POOL_SIZE=60 (repeatable)")
     args = p.parse_args(argv)
@@ -760,14 +958,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--connections 1..512, --connect-concurrency 1..500")
     if not 1 <= args.connect_timeout <= 300:
         p.error("--connect-timeout 1..300")
+    if not 0 < args.chatting <= 1 or not 1 <= args.ping_interval <= 60:
+        p.error("--chatting in (0, 1], --ping-interval 1..60")
+    args.sweep = args.sweep or [args.clients]
+    if args.sweep[-1] != args.clients or any(a >= b for a, b in itertools.pairwise(args.sweep)):
+        p.error("--sweep: rising socket counts ending at --clients")
+    if args.pin and (os.cpu_count() or 1) < 2:
+        p.error("--pin needs two cores")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    raise_fd_limit(2 * args.clients + args.connections + 1024)
     started = time.monotonic()
     try:
+        nofile = raise_fd_limit(args.clients + args.connections + 1024)  # per process: here, and in the server
+        conditions = Conditions.start()  # before the server starts and after it stopped: the machine alone
         outcome = run_benchmark(lambda tmp, loop: run(args, tmp, loop))
     except RuntimeError as exc:  # the setup or the server failed: said plainly, the server already stopped
         print(f"FAILED: {exc}", file=sys.stderr)
@@ -775,6 +981,11 @@ def main(argv: list[str] | None = None) -> int:
     if outcome is None:
         return 2
     result, failed = outcome
+    lateness = Lateness()  # the generator's, over every measured rate
+    for phase_lateness in result.pop("latenesses"):
+        lateness.samples.extend(phase_lateness.samples)
+    result["conditions"] = conditions.finish(lateness)
+    result["nofile"] = nofile
     result["total_s"] = round(time.monotonic() - started, 1)
     print_table(result)
     print(f"total run time {result['total_s']} s")

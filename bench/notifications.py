@@ -1,10 +1,13 @@
 """The outbox worker: from a commit to its push arriving at FCM, and how fast one worker drains a backlog.
 
     python -m tests.harness python -m bench.notifications [--seconds 10] [--rates 100,1000] [--backlog 50000]
+        [--fcm h2-tls|http1] [--workers 1]
 
 A fresh PostgreSQL database with 1,000 patients, each with an Android device. One `python -m app worker` process
-sends through the app's real FCM sender (firebase-admin) to a fast FCM stand-in of this file (uvicorn, a process
-of its own, noting when each push arrives). This process commits outbox rows as the app does (outbox.stage, the
+(or --workers of them) sends through the app's real FCM sender (firebase-admin) to the FCM stand-in of
+tests/standins/fcm.py in a process of its own, noting when each push arrives: by default as Google serves FCM,
+HTTP/2 over TLS with its self-signed certificate trusted through FCM_CA_FILE (--fcm http1: plain HTTP/1.1, one
+connection per request in flight). This process commits outbox rows as the app does (outbox.stage, the
 wake-up over Redis after the commit), at each rate for the given seconds, in commits every 10 ms (as a busy API's
 requests would), and reports, per rate, p50/p99/max of commit-to-arrival. Then the worker is stopped, a backlog is
 written, the worker started again, and the rows per second it drains are reported (first to last arrival).
@@ -19,8 +22,11 @@ import datetime as dt
 import json
 import os
 import secrets
+import signal
+import ssl
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -29,8 +35,6 @@ from typing import Any
 import asyncpg
 import httpx
 import msgspec
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from redis.asyncio import Redis
 
 from app import outbox
@@ -38,80 +42,57 @@ from app.db import Database
 from app.notifications.worker import RedisNudge
 from app.settings import Settings
 from bench.common import (
-    HOST,
     ROOT,
     create_database,
     drop_database,
-    free_port,
     latency_summary,
     pg_dsn,
+    proc_cpu_seconds,
     run_benchmark,
     stop_server,
     tail,
 )
+from tests.standins.fcm import Answer, FcmStandin, Hold, Recorded
 
 PROJECT = "bench-project"
 TICK = 0.01  # commits every 10 ms
 
 
-# --- the FCM stand-in (run as `python -m bench.notifications standin PORT`) ------------------------
+# --- the FCM stand-in (run as `python -m bench.notifications standin DIR [--plain]`) ---------------------
 
 
-def standin_app() -> Any:
-    arrivals: list[tuple[str, float]] = []
-    decoder = msgspec.json.Decoder()
+class ArrivalStandin(FcmStandin):
+    """The tests' FCM stand-in keeping only when each push arrived (by collapse key), and answering
+    `GET /arrivals?since=N` with those from the N-th on."""
 
-    async def read(receive: Any) -> bytes:
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                return body
+    def __init__(self, directory: Path, tls: bool) -> None:
+        super().__init__(PROJECT, tls=tls, directory=directory)
+        self.arrivals: list[tuple[str, float]] = []
 
-    async def answer(send: Any, status: int, payload: bytes) -> None:
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+    def record(self, sent: Recorded) -> None:
+        self.arrivals.append((sent.message["android"]["collapse_key"], time.time()))
 
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        path = scope["path"]
-        body = await read(receive)
-        if path == "/token":
-            await answer(send, 200, b'{"access_token": "ya29.bench", "expires_in": 3599, "token_type": "Bearer"}')
-        elif path.endswith("/messages:send"):
-            at = time.time()
-            message = decoder.decode(body)["message"]
-            arrivals.append((message["android"]["collapse_key"], at))
-            await answer(send, 200, b'{"name": "projects/bench-project/messages/1"}')
-        elif path == "/arrivals":
-            start = int(scope["query_string"].decode().partition("=")[2] or 0)
-            await answer(send, 200, msgspec.json.encode(arrivals[start:]))
-        else:
-            await answer(send, 404, b"{}")
-
-    return app
+    def route(self, method: str, path: str, headers: dict[str, str], raw: bytes,
+              http_version: str) -> tuple[Answer, Hold | None]:
+        if path == "/arrivals":
+            with self._lock:
+                fresh = self.arrivals[int(headers.get("x-since") or 0):]
+            return (200, msgspec.json.encode(fresh)), None
+        return super().route(method, path, headers, raw, http_version)
 
 
-def serve_standin(port: int) -> None:
-    import uvicorn
-
-    uvicorn.run(standin_app(), host=HOST, port=port, log_level="warning", access_log=False, lifespan="off")
+def serve_standin(directory: Path, tls: bool) -> None:
+    standin = ArrivalStandin(directory, tls).start()
+    standin.write_service_account(directory / "service-account.json")
+    (directory / "standin.json").write_text(json.dumps({
+        "url": standin.url, "token_url": standin.token_url, "ca_file": str(standin.ca_file or "")}))
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    stopping.wait()
+    standin.stop()
 
 
 # --- the benchmark -------------------------------------------------------------------------------
-
-
-def service_account(path: Path, token_uri: str) -> Path:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption()).decode()
-    path.write_text(json.dumps({"type": "service_account", "project_id": PROJECT, "private_key_id": "bench",
-                                "private_key": pem, "client_email": f"push@{PROJECT}.iam.gserviceaccount.com",
-                                "client_id": "1", "token_uri": token_uri}))
-    return path
 
 
 async def people(dsn: str, count: int) -> list[uuid.UUID]:
@@ -135,17 +116,18 @@ async def people(dsn: str, count: int) -> list[uuid.UUID]:
 class Standin:
     """Where pushes arrive: the FCM stand-in (asked over HTTP), or the log file LogPush writes (no provider)."""
 
-    def __init__(self, port: int, log: Path | None = None) -> None:
-        self.url = f"http://{HOST}:{port}"
+    def __init__(self, url: str, ca_file: str | None, log: Path | None = None) -> None:
+        self.url = url
         self.log = log
         self.seen = 0
         self.arrived: dict[str, float] = {}
-        self.client = httpx.AsyncClient(base_url=self.url, timeout=10)
+        self.client = httpx.AsyncClient(base_url=self.url, timeout=10,
+                                        verify=ssl.create_default_context(cafile=ca_file) if ca_file else False)
 
     async def poll(self) -> int:
         if self.log is not None:
             return self._read_log()
-        answer = await self.client.get("/arrivals", params={"since": self.seen})
+        answer = await self.client.get("/arrivals", headers={"x-since": str(self.seen)})
         fresh = answer.json()
         self.seen += len(fresh)
         for key, at in fresh:
@@ -226,41 +208,49 @@ async def backlog_rows(dsn: str, users: list[uuid.UUID], count: int) -> None:
         await connection.close()
 
 
+async def start_standin(tmp: Path, tls: bool) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+    """The FCM stand-in as a process of its own; where it listens, once it does."""
+    directory = tmp / "standin"
+    directory.mkdir()
+    with (tmp / "standin.log").open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "bench.notifications", "standin", str(directory),
+                                 *([] if tls else ["--plain"])], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    ready = directory / "standin.json"
+    for _ in range(300):
+        if ready.exists() and ready.read_text():
+            return proc, {**json.loads(ready.read_text()), "credentials": str(directory / "service-account.json")}
+        if proc.poll() is not None:
+            break
+        await asyncio.sleep(0.1)
+    stop_server(proc)
+    raise RuntimeError(f"the FCM stand-in did not start:\n{tail(tmp / 'standin.log')}")
+
+
 async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     postgres_url, redis_url = os.environ["TEST_POSTGRES_URL"], os.environ["TEST_REDIS_URL"]
     name, url = await create_database(postgres_url)
     dsn = pg_dsn(postgres_url, name)
-    port = free_port()
-    standin_log = tmp / "standin.log"
-    with standin_log.open("wb") as out:
-        standin_proc = subprocess.Popen([sys.executable, "-m", "bench.notifications", "standin", str(port)],
-                                        cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    fcm = Standin(port)
-    credentials = service_account(tmp / "service-account.json", f"{fcm.url}/token")
+    standin_proc, where = await start_standin(tmp, args.fcm == "h2-tls")
+    fcm = Standin(where["token_url"], where["ca_file"] or None)
     base_env = {**os.environ, "DATABASE_URL": url, "REDIS_URL": redis_url, "LOG_LEVEL": "WARNING", **dict(args.env)}
     redis = Redis.from_url(redis_url)
     settings = Settings(database_url=url, redis_url=redis_url, data_dir=str(tmp / "data"),
                         jwt_keys=f"k1={secrets.token_urlsafe(36)}", secret_key=secrets.token_urlsafe(36))
     database = Database(settings)
     stop_nudging = outbox.on_commit(RedisNudge(redis))
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = {"standin": args.fcm, "workers": args.workers}
     try:
         users = await people(dsn, 1000)
-        for _ in range(300):
-            try:
-                await fcm.poll()
-                break
-            except httpx.TransportError:
-                await asyncio.sleep(0.1)
         for sender in args.senders:
             if sender == "fcm":
                 standin = fcm
-                env = {**base_env, "DATA_DIR": str(tmp / "fcm"), "FCM_CREDENTIALS": str(credentials),
-                       "FCM_ENDPOINT": fcm.url}
+                env = {**base_env, "DATA_DIR": str(tmp / "fcm"), "FCM_CREDENTIALS": where["credentials"],
+                       "FCM_ENDPOINT": where["url"], **({"FCM_CA_FILE": where["ca_file"]} if where["ca_file"] else {})}
             else:  # no provider: LogPush, the worker's own cost
-                standin = Standin(port, tmp / "log" / "push.log")
+                standin = Standin(where["token_url"], None, tmp / "log" / "push.log")
                 env = {**base_env, "DATA_DIR": str(tmp / "log")}
-            print(f"sender {sender}:", flush=True)
+            print(f"sender {sender} ({args.fcm if sender == 'fcm' else 'log file'}, {args.workers} worker"
+                  f"{'s' if args.workers > 1 else ''}):", flush=True)
             result[sender] = await measure(args, env, tmp / f"worker-{sender}.log", standin, database, dsn, users)
     finally:
         stop_nudging()
@@ -272,39 +262,54 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     return result
 
 
+def worker_cpu(workers: list[subprocess.Popen[bytes]]) -> float:
+    return sum(proc_cpu_seconds(w.pid) for w in workers)
+
+
 async def measure(args: argparse.Namespace, env: dict[str, str], worker_log: Path, standin: Standin,
                   database: Database, dsn: str, users: list[uuid.UUID]) -> dict[str, Any]:
     result: dict[str, Any] = {"rates": []}
-    worker: subprocess.Popen[bytes] | None = None
+    workers: list[subprocess.Popen[bytes]] = []
     try:
-        worker = start_worker(env, worker_log)
-        warm = await produce(database, users, 50, 2.0)  # the worker starts, connects, gets its FCM token
+        workers = [start_worker(env, worker_log) for _ in range(args.workers)]
+        warm = await produce(database, users, 50, 2.0)  # the workers start, connect, get their FCM token
         await standin.wait_for(set(warm), 90)
         for rate in args.rates:
+            cpu = worker_cpu(workers)
             committed = await produce(database, users, rate, args.seconds)
             await standin.wait_for(set(committed), 120)
+            cpu_ms = (worker_cpu(workers) - cpu) * 1000 / len(committed)
             latencies = [standin.arrived[k] - t for k, t in committed.items()]
-            summary = {"rate_per_s": rate, "events": len(committed), **latency_summary(latencies)}
+            summary = {"rate_per_s": rate, "events": len(committed), **latency_summary(latencies),
+                       "worker_cpu_ms_per_push": round(cpu_ms, 3)}
             result["rates"].append(summary)
             print(f"{rate:>5} events/s: commit -> push p50 {summary['p50_ms']} ms, p99 {summary['p99_ms']} ms, "
-                  f"max {summary['max_ms']} ms ({len(committed)} events)", flush=True)
-        stop_server(worker)
-        worker = None
+                  f"max {summary['max_ms']} ms ({len(committed)} events; worker CPU {cpu_ms:.2f} ms a push)",
+                  flush=True)
+        for worker in workers:
+            stop_server(worker)
+        workers = []
         await backlog_rows(dsn, users, args.backlog)
         before = len(standin.arrived)
-        worker = start_worker(env, worker_log)
+        workers = [start_worker(env, worker_log) for _ in range(args.workers)]
         deadline = time.monotonic() + 600
+        cpu = 0.0
         while len(standin.arrived) - before < args.backlog:
-            if time.monotonic() > deadline or worker.poll() is not None:
+            if time.monotonic() > deadline or any(w.poll() is not None for w in workers):
                 raise RuntimeError(f"backlog not drained:\n{tail(worker_log)}")
+            if len(standin.arrived) == before:
+                cpu = worker_cpu(workers)  # from the first arrival: not the workers' start
             await standin.poll()
             await asyncio.sleep(0.2)
+        cpu_ms = (worker_cpu(workers) - cpu) * 1000 / args.backlog
         times = sorted(list(standin.arrived.values())[before:])
         drained = round(args.backlog / max(times[-1] - times[0], 1e-6))
-        result["backlog"] = {"rows": args.backlog, "rows_per_s": drained, "seconds": round(times[-1] - times[0], 2)}
-        print(f"backlog of {args.backlog}: {drained} rows/s on one worker ({times[-1] - times[0]:.1f} s)", flush=True)
+        result["backlog"] = {"rows": args.backlog, "rows_per_s": drained, "seconds": round(times[-1] - times[0], 2),
+                             "worker_cpu_ms_per_push": round(cpu_ms, 3)}
+        print(f"backlog of {args.backlog}: {drained} rows/s on {args.workers} worker{'s' if args.workers > 1 else ''}"
+              f" ({times[-1] - times[0]:.1f} s; worker CPU {cpu_ms:.2f} ms a push)", flush=True)
     finally:
-        if worker is not None:
+        for worker in workers:
             stop_server(worker)
     return result
 
@@ -322,7 +327,7 @@ def rate_list(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["standin"]:
-        serve_standin(int(argv[1]))
+        serve_standin(Path(argv[1]), tls="--plain" not in argv)
         return 0
     p = argparse.ArgumentParser(prog="python -m bench.notifications", description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per rate (default 10)")
@@ -330,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backlog", type=int, default=50_000, help="rows in the backlog (default 50000)")
     p.add_argument("--senders", type=lambda t: [v for v in t.split(",") if v in ("fcm", "log")], default=["fcm", "log"],
                    help="fcm (firebase-admin to the stand-in) and/or log (LogPush: the worker alone)")
+    p.add_argument("--fcm", choices=["h2-tls", "http1"], default="h2-tls",
+                   help="the FCM stand-in: HTTP/2 over TLS as Google serves it (default), or plain HTTP/1.1")
+    p.add_argument("--workers", type=int, default=1, help="`python -m app worker` processes (default 1)")
     p.add_argument("--env", type=lambda t: tuple(t.split("=", 1)), action="append", default=[],
                    help="NAME=VALUE for the worker (e.g. OUTBOX_BATCH_SIZE=1000)")
     args = p.parse_args(argv)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 import phonenumbers
@@ -12,6 +13,7 @@ from app.errors import Invalid
 _WRITTEN_PHONE = re.compile(r"^\+?[0-9 ().\-]{5,32}$")
 
 
+@functools.lru_cache(maxsize=4096)  # a login normalises the same phone twice (code, then token); parsing is slow
 def normalise_phone(raw: str, default_region: str) -> str:
     candidate = raw.strip()
     if not _WRITTEN_PHONE.fullmatch(candidate):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from uuid import UUID
+
 from sqlalchemy import bindparam, or_, select
 
 from app.access import Viewer
@@ -19,6 +21,7 @@ ME_AND_DEPENDENTS = select(
     User.questionnaire, User.quiet_hours_start, User.quiet_hours_end, User.push_topics,
 ).where(or_(User.id == bindparam("uid"), User.guardian_id == bindparam("uid"))).order_by(User.id)
 
+TIMEZONE_OF = select(User.timezone).where(User.id == bindparam("uid"))
 DEPENDENTS = select(*_DEPENDENT).where(User.guardian_id == bindparam("uid")).order_by(User.id)
 
 
@@ -43,3 +46,9 @@ async def me(reads: Reads, viewer: Viewer) -> MeOut:
 
 async def dependents(reads: Reads, viewer: Viewer) -> list[DependentOut]:
     return [dependent(r) for r in await reads.all(DEPENDENTS, uid=viewer.id)]
+
+
+async def timezone_of(reads: Reads, user_id: UUID, clinic_timezone: str) -> str:
+    """The caller's stored zone (it may have changed since their token was issued)."""
+    row = await reads.one(TIMEZONE_OF, uid=user_id)
+    return (row["timezone"] if row else None) or clinic_timezone

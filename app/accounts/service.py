@@ -17,22 +17,60 @@ from uuid import UUID, uuid4
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from msgspec import UNSET
-from sqlalchemy import bindparam, delete, func, or_, select, update
+from sqlalchemy import Table, bindparam, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from uuid_utils.compat import uuid7
 
-from app import access
+from app import access, writes
 from app.access import Role, Viewer
 from app.accounts.models import AccessRevocation, Device, OtpCode, RefreshToken, User
 from app.accounts.phones import normalise_phone
 from app.accounts.schemas import DependentIn, DeviceIn, MePatch, StaffIn, StaffPatch
 from app.accounts.tokens import TokenIssuer, hash_refresh_token, new_refresh_token
+from app.db import dialect_insert
 from app.errors import Conflict, DomainError, Forbidden, Invalid, NotAuthenticated, NotVisible, TooMany
-from app.limits import RateLimiter
+from app.limits import RateLimiter, Step
 from app.notifications.sms import SmsSender
 from app.revocation import Revocation
 from app.settings import Settings
 from app.specialties import Specialty
+
+# The login path in Core statements on the tables, built once: no unit of work, identity map or per-call
+# statement building on the way (the ORM's share of a login was most of its CPU).
+OTP_CODES: Table = OtpCode.__table__  # type: ignore[assignment]
+USERS: Table = User.__table__  # type: ignore[assignment]
+REFRESH_TOKENS: Table = RefreshToken.__table__  # type: ignore[assignment]
+# the right code, fresh and with tries left, is spent in one statement; the hash is keyed, so comparing it
+# in SQL tells a guesser nothing (he cannot compute the hash of his own guess)
+SPEND_CODE = (delete(OTP_CODES).where(OTP_CODES.c.phone == bindparam("for_phone"),
+                                      OTP_CODES.c.code_hash == bindparam("guess_hash"),
+                                      OTP_CODES.c.attempts < bindparam("max_attempts"),
+                                      OTP_CODES.c.expires_at > bindparam("now"))
+              .returning(OTP_CODES.c.id))
+# counting a try and reading the code is one statement, so parallel guesses cannot exceed the limit
+COUNT_TRY = (update(OTP_CODES).where(OTP_CODES.c.phone == bindparam("for_phone"),
+                                     OTP_CODES.c.attempts < bindparam("max_attempts"))
+             .values(attempts=OTP_CODES.c.attempts + 1)
+             .returning(OTP_CODES.c.id, OTP_CODES.c.code_hash, OTP_CODES.c.expires_at, OTP_CODES.c.attempts))
+SIGNING_IN = select(USERS.c.id, USERS.c.phone, USERS.c.full_name, USERS.c.roles, USERS.c.specialties,
+                    USERS.c.timezone, USERS.c.active).where(USERS.c.phone == bindparam("phone"))
+NEW_USER = USERS.insert()
+NEW_REFRESH_TOKEN = REFRESH_TOKENS.insert()
+_otp_upserts: dict[str, Any] = {}
+
+
+def otp_upsert(session: AsyncSession) -> Any:
+    """A phone's one live code replaced in one statement (the row is the phone's: a unique key)."""
+    name = session.get_bind().dialect.name
+    if name not in _otp_upserts:
+        upsert = dialect_insert(session)(OTP_CODES)
+        _otp_upserts[name] = upsert.on_conflict_do_update(
+            index_elements=[OTP_CODES.c.phone],
+            set_={c: upsert.excluded[c] for c in ("id", "code_hash", "expires_at", "attempts", "created_at",
+                                                  "updated_at")})
+    return _otp_upserts[name]
+
 
 # the account and its dependents in one round trip; built once, it is the hottest read of all
 ME_AND_DEPENDENTS = (select(User).where(or_(User.id == bindparam("uid"), User.guardian_id == bindparam("uid")))
@@ -74,20 +112,23 @@ class AccountService:
 
     async def request_code(self, raw_phone: str, client_ip: str) -> int:
         phone = normalise_phone(raw_phone, self.settings.default_region)
-        wait = await self.limiter.hit(f"otp:ip:{client_ip}", self.settings.otp_per_ip_per_hour, 3600)
-        if wait:
+        refused, wait = await self.limiter.hit_in_turn([  # one round trip for the three
+            Step(f"otp:ip:{client_ip}", self.settings.otp_per_ip_per_hour, 3600),
+            # a new code must not reopen a locked phone
+            Step(f"otp:fail:{phone}", self.settings.otp_failures_per_phone_per_hour, 3600, counts=False),
+            Step(f"otp:phone:{phone}", 1, self.settings.otp_resend_seconds)])
+        if refused == 0:
             raise TooMany("too many codes were requested from this address: try again later", wait)
-        await self._refuse_if_locked(phone)  # a new code must not reopen a locked phone
-        wait = await self.limiter.hit(f"otp:phone:{phone}", 1, self.settings.otp_resend_seconds)
-        if wait:
+        if refused == 1:
+            raise self._locked(wait)
+        if refused == 2:
             raise TooMany("a code was sent to this phone moments ago", wait, "otp_resend_too_soon")
         code = f"{secrets.randbelow(10**self.settings.otp_length):0{self.settings.otp_length}d}"
-        await self.session.execute(delete(OtpCode).where(OtpCode.phone == phone))
-        self.session.add(OtpCode(
-            phone=phone, code_hash=self._code_hash(phone, code), attempts=0,
-            expires_at=utcnow() + dt.timedelta(seconds=self.settings.otp_ttl_seconds),
-        ))
-        await self.session.commit()  # the code is stored before it can reach the phone
+        now = utcnow()
+        async with writes.autocommit(self.session) as tx:  # the code is stored before it can reach the phone
+            await tx.run(otp_upsert(self.session), id=uuid7(), phone=phone, code_hash=self._code_hash(phone, code),
+                         attempts=0, expires_at=now + dt.timedelta(seconds=self.settings.otp_ttl_seconds),
+                         created_at=now, updated_at=now)
         await self.sms.send(phone, f"Clinic login code: {code}. Do not share it with anyone.")
         return self.settings.otp_ttl_seconds
 
@@ -114,23 +155,53 @@ class AccountService:
                 await self.limiter.give_back(failures)
 
     async def _use_code(self, phone: str, code: str, failures: str, budget: int) -> Login:
-        # counting the try and reading the code is one statement, so parallel guesses cannot exceed the limit
-        counted = await self.session.execute(
-            update(OtpCode)
-            .where(OtpCode.phone == phone, OtpCode.attempts < self.settings.otp_max_attempts)
-            .values(attempts=OtpCode.attempts + 1)
-            .returning(OtpCode.id, OtpCode.code_hash, OtpCode.expires_at, OtpCode.attempts)
-        )
-        row = counted.one_or_none()
+        code_hash, now, tries = self._code_hash(phone, code), utcnow(), self.settings.otp_max_attempts
+        login: Login | None = None
+        # each statement commits by itself: the code is spent first (a crash after it only costs a new code),
+        # then the account read (made), then the refresh token written: no BEGIN and COMMIT round trips
+        async with writes.autocommit(self.session) as tx:
+            spent = await tx.one(SPEND_CODE, for_phone=phone, guess_hash=code_hash, max_attempts=tries, now=now)
+            if spent is not None:
+                login = await self._sign_in(tx, phone, now)
+        if spent is None:  # a wrong, expired, used-up or missing code: count the try and say which
+            await self._count_try(phone, code_hash, failures, budget, now)
+            async with writes.transaction(self.session, own=False) as tx:  # with the session's spend
+                login = await self._sign_in(tx, phone, now)
+        if login is None:  # the code is spent all the same (committed above)
+            raise inactive()
+        return login
+
+    async def _sign_in(self, tx: writes.Tx, phone: str, now: dt.datetime) -> Login | None:
+        """The phone's account signed in (a new phone becomes a patient); None: it is deactivated."""
+        account = await tx.one(SIGNING_IN, phone=phone)
+        if account is None:  # a new phone becomes a patient
+            user = User(id=uuid7(), phone=phone, full_name="", roles=[Role.PATIENT.value], specialties=[],
+                        timezone=self.settings.clinic_timezone, active=True)
+            await tx.run(NEW_USER, id=user.id, phone=phone, full_name="", roles=user.roles, specialties=[],
+                         timezone=user.timezone, is_staff=False, active=True, questionnaire={}, created_at=now,
+                         updated_at=now)
+        elif not account["active"]:
+            return None
+        else:  # the fields a login answers with, not a loaded (identity-mapped) account
+            user = User(id=account["id"], phone=account["phone"], full_name=account["full_name"],
+                        roles=account["roles"], specialties=account["specialties"], timezone=account["timezone"],
+                        active=account["active"])
+        return await self._start_session(user, uuid4(), tx)
+
+    async def _count_try(self, phone: str, code_hash: str, failures: str, budget: int, now: dt.datetime) -> None:
+        """The code was not spent: count the try against it and refuse, saying why; returns only when the
+        right code turns out to be there after all (issued in between), spent now."""
+        row = (await self.session.execute(COUNT_TRY, {"for_phone": phone,
+                                                      "max_attempts": self.settings.otp_max_attempts})).first()
         if row is None:
             if await self.session.scalar(select(OtpCode.id).where(OtpCode.phone == phone)) is not None:
                 raise NotAuthenticated(f"all {self.settings.otp_max_attempts} tries of this code are used up: "
                                        "request a new code", "otp_attempts_exhausted")
             raise NotAuthenticated("no code is waiting for this phone: request a new one", "otp_missing")
-        if row.expires_at <= utcnow():
+        if row.expires_at <= now:
             await self._burn_code(row.id)
             raise NotAuthenticated("the code has expired: request a new one", "otp_expired")
-        if not hmac.compare_digest(row.code_hash, self._code_hash(phone, code)):
+        if not hmac.compare_digest(row.code_hash, code_hash):
             # an exhausted code stays (until a new one replaces it) so that the next try can say so
             await self.session.commit()  # the failed try counts even though we refuse
             used, left = await self.limiter.peek(failures)
@@ -141,20 +212,6 @@ class AccountService:
         spent = await self.session.execute(delete(OtpCode).where(OtpCode.id == row.id).returning(OtpCode.id))
         if spent.one_or_none() is None:  # a parallel request used this code first
             raise NotAuthenticated("no code is waiting for this phone: request a new one", "otp_missing")
-        user = await self.session.scalar(select(User).where(User.phone == phone))
-        if user is None:  # a new phone becomes a patient
-            user = User(phone=phone, roles=[Role.PATIENT.value], timezone=self.settings.clinic_timezone)
-            self.session.add(user)
-            await self.session.flush()
-        elif not user.active:
-            await self.session.commit()  # the code is spent all the same
-            raise inactive()
-        return await self._start_session(user, family_id=uuid4())
-
-    async def _refuse_if_locked(self, phone: str) -> None:
-        failures, left = await self.limiter.peek(f"otp:fail:{phone}")
-        if failures >= self.settings.otp_failures_per_phone_per_hour:
-            raise self._locked(left)
 
     def _locked(self, wait: int) -> TooMany:
         return TooMany("too many wrong codes for this phone: every code is refused until Retry-After has passed",
@@ -164,13 +221,13 @@ class AccountService:
         await self.session.execute(delete(OtpCode).where(OtpCode.id == code_id))
         await self.session.commit()
 
-    async def _start_session(self, user: User, family_id: UUID) -> Login:
+    async def _start_session(self, user: User, family_id: UUID, tx: writes.Tx | None = None) -> Login:
         token, token_hash = new_refresh_token()
-        self.session.add(RefreshToken(
-            user_id=user.id, family_id=family_id, token_hash=token_hash,
-            expires_at=utcnow() + dt.timedelta(days=self.settings.refresh_token_days),
-        ))
-        await self.session.flush()
+        now = utcnow()
+        await (tx or writes.SessionTx(self.session)).run(
+            NEW_REFRESH_TOKEN, id=uuid7(), user_id=user.id, family_id=family_id, token_hash=token_hash,
+            expires_at=now + dt.timedelta(days=self.settings.refresh_token_days), used_at=None, revoked_at=None,
+            created_at=now, updated_at=now)
         return Login(user=user, access_token=self.tokens.issue_access(user.id, user.roles, user.timezone,
                                                                       sid=family_id),
                      refresh_token=token, expires_in=self.tokens.access_seconds)
@@ -314,17 +371,6 @@ class AccountService:
     async def user(self, user_id: UUID) -> User | None:
         return await self.session.get(User, user_id)
 
-    async def timezone_of(self, user_id: UUID) -> str:
-        zone = await self.session.scalar(select(User.timezone).where(User.id == user_id))
-        return zone or self.settings.clinic_timezone
-
-    async def names(self, user_ids: list[UUID]) -> dict[UUID, str]:
-        """Staff names by id (specialists are named openly to their patients)."""
-        if not user_ids:
-            return {}
-        rows = await self.session.execute(select(User.id, User.full_name).where(User.id.in_(set(user_ids)),
-                                                                                User.is_staff.is_(True)))
-        return {r.id: r.full_name for r in rows}
 
     async def timezones(self, user_ids: list[UUID]) -> dict[UUID, str]:
         if not user_ids:

@@ -11,15 +11,12 @@ from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import access
 from app.access import Viewer, signed_in
 from app.audit.service import audit_trail
-from app.chat.models import Message
-from app.chat.schemas import ChatRowOut, EditIn, LastMessage, MessageIn, MessageOut, ReadIn
-from app.chat.service import ChatService, Row, outgoing
+from app.chat import reads
+from app.chat.schemas import ChatRowOut, EditIn, MessageIn, MessageOut, ReadIn
+from app.chat.service import ChatService, outgoing
 from app.chat.store import message_out
-from app.consultations.controllers import provide_consultations
-from app.consultations.service import ConsultationService
 from app.documents.models import Document
 from app.schemas import Page, localized
 from app.services import chat_for, documents_for
@@ -29,19 +26,6 @@ Limit = Annotated[int, Parameter(ge=1, le=200)]
 
 async def provide_chat(db_session: NamedDependency[AsyncSession], state: State) -> ChatService:
     return chat_for(db_session, state)
-
-
-def last_out(m: Message | None) -> LastMessage | None:
-    return None if m is None else LastMessage(id=m.id, author_id=m.author_id, kind=m.kind, text=m.text,
-                                              created_at=m.created_at)
-
-
-def row_out(row: Row, viewer: Viewer, name: str | None, **extra: Any) -> ChatRowOut:
-    c = row.conversation
-    return ChatRowOut(conversation_id=c.id, patient_id=c.patient_id, specialist_id=c.specialist_id,
-                      counterpart_name=name, is_dependent=c.patient_id != viewer.id and not access.is_clinician(viewer),
-                      writable=row.window.writable, writable_until=row.window.until, unread=row.unread,
-                      last_message=last_out(row.last), **extra)
 
 
 async def attachments(state: State, viewer: Viewer, conversation_id: UUID, document_ids: list[UUID]) -> list[Document]:
@@ -56,36 +40,20 @@ async def attachments(state: State, viewer: Viewer, conversation_id: UUID, docum
 class ChatController(Controller):
     path = "/api/v1/chats"
     tags = ["chat"]
-    dependencies = {"chat": Provide(provide_chat), "consultations": Provide(provide_consultations)}
+    dependencies = {"chat": Provide(provide_chat)}
 
     @get("/", guards=[signed_in])
-    async def list_chats(self, request: Request[Viewer, Any, Any], chat: NamedDependency[ChatService],
-                         consultations: NamedDependency[ConsultationService]) -> Page[ChatRowOut]:
-        viewer = request.user
-        if access.is_clinician(viewer):  # a row per active consultation; one patient's rows share a history
-            visits = [v for v in await consultations.active_for_specialist(viewer) if v.conversation_id]
-            rows = await chat.rows(viewer, await chat.conversations([v.conversation_id for v in visits
-                                                                      if v.conversation_id]))
-            cards = await chat.accounts.briefs(viewer, [v.patient_id for v in visits])
-            online = await chat.presence.online(sorted({v.patient_id for v in visits}))
-            return Page(items=[
-                row_out(rows[v.conversation_id], viewer,
-                        (cards.get(v.patient_id) or {}).get("full_name") or (cards.get(v.patient_id) or {}).get(
-                            "initials"),
-                        consultation_id=v.id, specialty=v.specialty, online=v.patient_id in online)
-                for v in visits if v.conversation_id in rows])
-        rows = await chat.rows(viewer, await chat.patient_conversations(viewer))
-        names = await chat.accounts.names([r.conversation.specialist_id for r in rows.values()])
-        ordered = sorted(rows.values(), key=lambda r: r.last.id if r.last else r.conversation.id, reverse=True)
-        return Page(items=[row_out(r, viewer, names.get(r.conversation.specialist_id)) for r in ordered])
+    async def list_chats(self, request: Request[Viewer, Any, Any]) -> Page[ChatRowOut]:
+        state = request.app.state
+        return Page(items=await reads.chat_list(state.database.reads, state.presence, request.user))
 
     @get("/{conversation_id:uuid}/messages", guards=[signed_in])
-    async def list_messages(self, request: Request[Viewer, Any, Any], chat: NamedDependency[ChatService],
-                            conversation_id: FromPath[UUID], before: FromQuery[UUID | None] = None,
-                            after: FromQuery[UUID | None] = None, limit: FromQuery[Limit] = 50) -> Page[MessageOut]:
-        rows = await chat.history(request.user, conversation_id, before, after, limit, audit=audit_trail(request))
-        return Page(items=[message_out(m) for m in rows],
-                    next_cursor=str(rows[0].id) if len(rows) == limit and after is None else
+    async def list_messages(self, request: Request[Viewer, Any, Any], conversation_id: FromPath[UUID],
+                            before: FromQuery[UUID | None] = None, after: FromQuery[UUID | None] = None,
+                            limit: FromQuery[Limit] = 50) -> Page[MessageOut]:
+        rows = await reads.history(request.app.state.database.reads, request.user, conversation_id, before, after,
+                                   limit, audit_trail(request))
+        return Page(items=rows, next_cursor=str(rows[0].id) if len(rows) == limit and after is None else
                     (str(rows[-1].id) if len(rows) == limit else None))
 
     @post("/{conversation_id:uuid}/messages", guards=[signed_in])

@@ -210,14 +210,25 @@ async def serve(socket: WebSocket[Any, Any, Any], connection: Connection, state:
     """Read the client's frames until it leaves, falls silent, is too slow, or the sender fails."""
     heartbeat, largest = state.settings.ws_heartbeat_seconds, state.settings.ws_max_frame_bytes
     lane = lane if lane is not None else Lane()
-    while True:
-        receive = asyncio.ensure_future(socket.receive_text())
-        slow = asyncio.ensure_future(connection.overflowed.wait())
-        kicked = asyncio.ensure_future(connection.kicked.wait())
-        done, _ = await asyncio.wait({receive, slow, kicked, sender}, timeout=heartbeat,
-                                     return_when=asyncio.FIRST_COMPLETED)
+    # watched for the socket's whole life, not one frame at a time: a heartbeat every few seconds from each of
+    # thousands of sockets made starting and cancelling these two tasks per frame the socket's largest cost
+    slow = asyncio.ensure_future(connection.overflowed.wait())
+    kicked = asyncio.ensure_future(connection.kicked.wait())
+    try:
+        await read_frames(socket, connection, state, sender, lane, heartbeat, largest, slow, kicked)
+    finally:
         slow.cancel()
         kicked.cancel()
+
+
+async def read_frames(socket: WebSocket[Any, Any, Any], connection: Connection, state: State,
+                      sender: asyncio.Task[None], lane: Lane, heartbeat: float, largest: int,
+                      slow: asyncio.Future[Any], kicked: asyncio.Future[Any]) -> None:
+    """serve's loop: one frame at a time, until the client leaves or `slow`, `kicked` or `sender` ends it."""
+    while True:
+        receive = asyncio.ensure_future(socket.receive_text())
+        done, _ = await asyncio.wait({receive, slow, kicked, sender}, timeout=heartbeat,
+                                     return_when=asyncio.FIRST_COMPLETED)
         if receive not in done or connection.kicked.is_set():
             receive.cancel()
             with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect):

@@ -182,6 +182,12 @@ class InProcessPresence:
         return {u for u in user_ids if any(t > now for t in self._front.get(u, {}).values())}
 
 
+def _retrieved(future: asyncio.Future[None]) -> None:
+    """Mark a batch's failure as heard even when every caller gave up on it (no "never retrieved" warning)."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _drop(seen: dict[UUID, dict[str, float]], user_id: UUID, connection_id: str) -> None:
     mine = seen.get(user_id, {})
     mine.pop(connection_id, None)
@@ -189,28 +195,76 @@ def _drop(seen: dict[UUID, dict[str, float]], user_id: UUID, connection_id: str)
         seen.pop(user_id, None)
 
 
+# per key, in order: "1" when the sorted set has a member scored at or after ARGV[1] (a live socket), else "0"
+_COUNT_LIVE = ("local marks = {} for i, key in ipairs(KEYS) do "
+               "marks[i] = redis.call('ZCOUNT', key, ARGV[1], '+inf') > 0 and '1' or '0' end "
+               "return table.concat(marks)")
+
+
 class RedisPresence:
     """A sorted set per user: member = socket, score = when it stops counting unless a heartbeat renews it;
-    a second one per user holds only the sockets in the foreground, expiring the same way."""
+    a second one per user holds only the sockets in the foreground, expiring the same way.
+
+    Heartbeats are renewed together: the touches that arrive while one batch is on its way to Redis go in the
+    next, one pipeline for all of them, and each caller waits for its own batch. Ten thousand sockets pinging
+    every ten seconds are a thousand touches a second; a round trip each would queue on the connection pool
+    and cost the event loop a pipeline apiece.
+
+    This process's own sockets are also known here (`local`, renewed and dropped with them): a user with one
+    of them in the foreground is answered without asking Redis, which is asked only about the others. A chat
+    send asks about its recipients, and most of them are usually connected to the instance that took it."""
 
     def __init__(self, redis: Redis, ttl: float) -> None:
         self.redis = redis
         self.ttl = ttl
+        self.local = InProcessPresence(ttl)
+        # one command (by its hash) for any number of users, not a pipelined ZCOUNT each: a chat list asks about
+        # a page of patients at once, and redis-py's pipeline costs tens of microseconds a command in Python
+        self._count_live = redis.register_script(_COUNT_LIVE)
+        self._pending: dict[tuple[UUID, str], bool] = {}  # (user, socket) -> in the foreground
+        self._next: asyncio.Future[None] | None = None  # done when the pending touches are written
+        self._flusher: asyncio.Task[None] | None = None
 
     async def touch(self, user_id: UUID, connection_id: str, foreground: bool = True) -> None:
-        key, front = f"presence:{user_id}", f"presence:fg:{user_id}"
-        until = time.time() + self.ttl
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(key, {connection_id: until})
-            pipe.expire(key, int(self.ttl) + 1)
-            if foreground:
-                pipe.zadd(front, {connection_id: until})
-                pipe.expire(front, int(self.ttl) + 1)
+        await self.local.touch(user_id, connection_id, foreground)
+        self._pending[(user_id, connection_id)] = foreground  # a later touch of the same socket wins
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+            self._next.add_done_callback(_retrieved)
+            if self._flusher is None or self._flusher.done():
+                self._flusher = asyncio.create_task(self._flush())
+        await asyncio.shield(self._next)  # a caller that gives up leaves the batch to the others
+
+    async def _flush(self) -> None:
+        while self._next is not None:
+            batch, self._pending = self._pending, {}
+            written, self._next = self._next, None
+            until, ttl = time.time() + self.ttl, int(self.ttl) + 1
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for (user_id, connection_id), foreground in batch.items():
+                        key, front = f"presence:{user_id}", f"presence:fg:{user_id}"
+                        pipe.zadd(key, {connection_id: until})
+                        pipe.expire(key, ttl)
+                        if foreground:
+                            pipe.zadd(front, {connection_id: until})
+                            pipe.expire(front, ttl)
+                        else:
+                            pipe.zrem(front, connection_id)
+                    await pipe.execute()
+            except Exception as exc:  # each caller hears it (the gateway logs it and keeps the socket)
+                written.set_exception(exc)
+            except asyncio.CancelledError:
+                written.cancel()
+                if self._next is not None:
+                    self._next.cancel()
+                    self._next = None
+                raise
             else:
-                pipe.zrem(front, connection_id)
-            await pipe.execute()
+                written.set_result(None)
 
     async def leave(self, user_id: UUID, connection_id: str) -> None:
+        await self.local.leave(user_id, connection_id)
         with contextlib.suppress(Exception):
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.zrem(f"presence:{user_id}", connection_id)
@@ -218,21 +272,17 @@ class RedisPresence:
                 await pipe.execute()
 
     async def foreground(self, user_ids: list[UUID]) -> set[UUID]:
-        if not user_ids:
-            return set()
-        now = time.time()
-        async with self.redis.pipeline(transaction=False) as pipe:  # one round trip, however many users
-            for user_id in user_ids:
-                pipe.zcount(f"presence:fg:{user_id}", now, "+inf")
-            counts = await pipe.execute()
-        return {u for u, n in zip(user_ids, counts, strict=True) if n}
+        here = await self.local.foreground(user_ids)
+        return here | await self._counted("presence:fg:", [u for u in user_ids if u not in here])
 
     async def online(self, user_ids: list[UUID]) -> set[UUID]:
+        here = await self.local.online(user_ids)
+        return here | await self._counted("presence:", [u for u in user_ids if u not in here])
+
+    async def _counted(self, prefix: str, user_ids: list[UUID]) -> set[UUID]:
+        """Those with a live member in their set under `prefix`, on any instance: one round trip for all."""
         if not user_ids:
             return set()
-        now = time.time()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for user_id in user_ids:
-                pipe.zcount(f"presence:{user_id}", now, "+inf")
-            counts = await pipe.execute()
-        return {u for u, n in zip(user_ids, counts, strict=True) if n}
+        marks = await self._count_live(keys=[f"{prefix}{u}" for u in user_ids], args=[time.time()])
+        marks = marks.decode() if isinstance(marks, bytes) else str(marks)
+        return {u for u, mark in zip(user_ids, marks, strict=True) if mark == "1"}

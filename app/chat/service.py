@@ -1,4 +1,5 @@
-"""Chat rules: conversations and their writing windows, sending, history, read marks, the chat lists.
+"""Chat rules: conversations and their writing windows, sending, edits, read marks (the chat list and history
+are read in app/chat/reads.py).
 
 Every change appends its realtime events to the recipients' streams in the same transaction; the request's
 session publishes them once committed (app/db.py). No HTTP here.
@@ -14,14 +15,12 @@ from typing import Any
 from uuid import UUID
 
 import msgspec
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased
 from uuid_utils.compat import uuid7
 
 from app.access import Viewer
 from app.accounts.service import AccountService
-from app.audit.service import AuditTrail
 from app.chat import streams
 from app.chat.hub import Presence
 from app.chat.models import ChatWindow, Conversation, Message, ReadMark
@@ -67,9 +66,12 @@ class Party:
     @property
     def people(self) -> set[UUID]:
         """Everyone whose apps show this conversation."""
-        found = {self.specialist_id}
-        found |= {p for p in (self.patient_login, self.guardian_id) if p is not None}
-        return found
+        return people_of(self.specialist_id, self.patient_login, self.guardian_id)
+
+
+def people_of(specialist_id: UUID, patient_login: UUID | None, guardian_id: UUID | None) -> set[UUID]:
+    """Who sees a conversation: its specialist, its patient when they have a login, a dependent's guardian."""
+    return {specialist_id} | {p for p in (patient_login, guardian_id) if p is not None}
 
 
 def parties_of(rows: list[PartyRow]) -> dict[UUID, Party]:
@@ -94,14 +96,6 @@ def outgoing(viewer: Viewer, conversation_id: UUID, body: MessageIn, attached: S
                 documents=tuple(AttachedOut(id=d.id, filename=d.filename, content_type=d.content_type, size=d.size,
                                             kind=d.kind) for d in attached),
                 analyses=tuple(d.id for d in attached if d.kind == "analysis" and d.author_role == "patient"))
-
-
-@dataclass(frozen=True, slots=True)
-class Row:
-    conversation: Conversation
-    window: Window
-    unread: int
-    last: Message | None
 
 
 class ChatService:
@@ -250,21 +244,6 @@ class ChatService:
         await streams.append(self.session, self.staged, party.people, "message.updated", message_data(message))
         return message
 
-    async def history(self, viewer: Viewer, conversation_id: UUID, before: UUID | None, after: UUID | None,
-                      limit: int, *, audit: AuditTrail | None = None) -> list[Message]:
-        party = await self.visible(viewer, conversation_id)
-        if audit is not None:  # the specialist's read is audited; the patient's or guardian's own is not
-            audit.read("chat.read", "conversation", conversation_id, party.patient_id,
-                       own=viewer.id in (party.patient_login, party.guardian_id))
-        query = select(Message).where(Message.conversation_id == conversation_id)
-        if after is not None:  # newer than a message, oldest first
-            rows = await self.session.scalars(query.where(Message.id > after).order_by(Message.id).limit(limit))
-            return list(rows.all())
-        if before is not None:
-            query = query.where(Message.id < before)
-        rows = await self.session.scalars(query.order_by(Message.id.desc()).limit(limit))
-        return list(reversed(rows.all()))  # the latest page, oldest first
-
     async def mark_read(self, viewer: Viewer, conversation_id: UUID, up_to: UUID) -> None:
         party = await self.visible(viewer, conversation_id)
         message = await self.session.get(Message, up_to)
@@ -281,42 +260,6 @@ class ChatService:
         await self.session.flush()
         await streams.append(self.session, self.staged, party.people - {viewer.id}, "message.read", {
             "conversation_id": str(conversation_id), "user_id": str(viewer.id), "up_to_message_id": str(up_to)})
-
-    # --- the chat lists -------------------------------------------------------------------------
-
-    async def rows(self, viewer: Viewer, conversations: list[Conversation]) -> dict[UUID, Row]:
-        """Window, unread count and last message of each conversation, in three queries whatever their number."""
-        if not conversations:
-            return {}
-        ids = [c.id for c in conversations]
-        now = utcnow()
-        ends = dict((await self.session.execute(
-            select(ChatWindow.conversation_id, func.max(ChatWindow.ends_at))
-            .where(ChatWindow.conversation_id.in_(ids)).group_by(ChatWindow.conversation_id))).all())
-        unread = dict((await self.session.execute(
-            select(Message.conversation_id, func.count())
-            .outerjoin(ReadMark, and_(ReadMark.conversation_id == Message.conversation_id,
-                                      ReadMark.user_id == viewer.id))
-            .where(Message.conversation_id.in_(ids), or_(Message.author_id.is_(None), Message.author_id != viewer.id),
-                   or_(ReadMark.last_read_id.is_(None), Message.id > ReadMark.last_read_id))
-            .group_by(Message.conversation_id))).all())
-        conversation, newest = aliased(Conversation), aliased(Message)
-        latest = (select(newest.id).where(newest.conversation_id == conversation.id)  # PostgreSQL has no max(uuid)
-                  .order_by(newest.id.desc()).limit(1).scalar_subquery())
-        last = {m.conversation_id: m for m in (await self.session.scalars(select(Message).where(
-            Message.id.in_(select(latest).select_from(conversation).where(conversation.id.in_(ids)))))).all()}
-        return {c.id: Row(c, window_of(c.extended_until, ends.get(c.id), now), unread.get(c.id, 0), last.get(c.id))
-                for c in conversations}
-
-    async def patient_conversations(self, viewer: Viewer) -> list[Conversation]:
-        patients = await self.accounts.patients_acted_for(viewer)
-        return list((await self.session.scalars(
-            select(Conversation).where(Conversation.patient_id.in_(patients)))).all())
-
-    async def conversations(self, ids: list[UUID]) -> list[Conversation]:
-        if not ids:
-            return []
-        return list((await self.session.scalars(select(Conversation).where(Conversation.id.in_(ids)))).all())
 
 
 class SendRules:
@@ -388,15 +331,12 @@ class SendRules:
             await store.file_analyses(filed)
         # message.new into each of the people's streams, carrying the message as the REST answer shapes it
         events = [(parties[m.conversation_id].people, "message.new", msgspec.to_builtins(m)) for _, m in accepted]
-        counts = streams.tally(events)
-        if counts:
-            await store.insert_events(streams.lay_out(events, counts, await store.number_streams(counts), staged))
         # a push (ids only, no text) through the outbox for the others with no socket in the foreground (a phone
         # with the app in the background has a socket open and needs the push); the worker checks again at send time
-        await store.stage_pushes([
+        await store.write_events(events, [
             (m.id, sorted(str(u) for u in others[i] - watching),
              {"type": "message.new", "ref": str(m.id), "conversation_id": str(m.conversation_id)})
-            for i, m in accepted if others[i] - watching])
+            for i, m in accepted if others[i] - watching], staged)
         for i, first in twins.items():
             outcome = outcomes[first]
             outcomes[i] = (outcome[0], False) if isinstance(outcome, tuple) else outcome

@@ -10,8 +10,10 @@ place (app/chat/service.py, SendRules); only these statements exist twice, and t
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -20,7 +22,7 @@ from uuid import UUID
 import asyncpg
 import msgspec
 from sqlalchemy import Table, bindparam, delete, func, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from uuid_utils.compat import uuid7
 
 from app import outbox
@@ -55,9 +57,12 @@ class PartyRow(NamedTuple):
 
 
 Push = tuple[UUID, list[str], dict[str, Any]]  # message id, recipients, payload
+Events = Sequence[tuple[Collection[UUID], str, dict[str, Any]]]  # (recipients, type, data), in stream order
 
 
 class SendStore(Protocol):
+    pushed: bool  # outbox rows were written that no session's commit announces: the committer wakes the workers
+
     async def parties(self, conversation_ids: Sequence[UUID]) -> list[PartyRow]: ...
 
     async def insert_messages(self, messages: list[MessageOut]) -> set[UUID]:
@@ -67,12 +72,9 @@ class SendStore(Protocol):
 
     async def delete_messages(self, ids: list[UUID]) -> None: ...
 
-    async def number_streams(self, counts: dict[UUID, int]) -> dict[UUID, int]:
-        """Move each user's stream forward by their count; each stream's last position after."""
-
-    async def insert_events(self, events: list[streams.Event]) -> None: ...
-
-    async def stage_pushes(self, pushes: list[Push]) -> None: ...
+    async def write_events(self, events: Events, pushes: list[Push], staged: streams.Staged) -> None:
+        """Each event into each of its recipients' streams, numbered in list order and staged for publishing
+        after the commit; the pushes into the outbox."""
 
     async def file_analyses(self, filed: list[tuple[UUID, UUID]]) -> None:
         """Analyses sent in a chat by the patient's side, (document, conversation): they note the conversation
@@ -114,6 +116,7 @@ class SqlSendStore:
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
+        self.pushed = False  # outbox.stage marks the session: its commit wakes the workers
 
     async def parties(self, conversation_ids: Sequence[UUID]) -> list[PartyRow]:
         rows = await self.session.execute(PARTIES, {"ids": list(conversation_ids)})
@@ -143,14 +146,12 @@ class SqlSendStore:
     async def delete_messages(self, ids: list[UUID]) -> None:
         await self.session.execute(delete(Message).where(Message.id.in_(ids)))
 
-    async def number_streams(self, counts: dict[UUID, int]) -> dict[UUID, int]:
-        return await streams.number(self.session, counts)
-
-    async def insert_events(self, events: list[streams.Event]) -> None:
-        await self.session.execute(insert(streams.EVENTS), streams.event_rows(events))
-
-    async def stage_pushes(self, pushes: list[Push]) -> None:
-        for message_id, recipients, payload in pushes:
+    async def write_events(self, events: Events, pushes: list[Push], staged: streams.Staged) -> None:
+        counts = streams.tally(events)
+        if counts:
+            numbered = streams.lay_out(events, counts, await streams.number(self.session, counts), staged)
+            await self.session.execute(insert(streams.EVENTS), streams.event_rows(numbered))
+        for message_id, recipients, payload in pushes:  # the session's commit wakes the outbox workers
             outbox.stage(self.session, "push", message_id, recipients, payload)
 
     async def file_analyses(self, filed: list[tuple[UUID, UUID]]) -> None:
@@ -176,30 +177,71 @@ PG_FIRST_COPY = """
 SELECT id, conversation_id, author_id, kind, text, document_ids::text, client_id, created_at, edited_at, deleted_at,
        documents::text
 FROM message WHERE conversation_id = $1 AND author_id = $2 AND client_id = $3"""
-# rows in user order, so two writers take the stream rows' locks in the same order and never deadlock
-PG_NUMBER_STREAMS = """
-INSERT INTO user_stream (user_id, last_seq)
-SELECT user_id, n FROM unnest($1::uuid[], $2::bigint[]) AS s(user_id, n) ORDER BY user_id
-ON CONFLICT (user_id) DO UPDATE SET last_seq = user_stream.last_seq + excluded.last_seq
-RETURNING user_id, last_seq"""
-PG_INSERT_EVENTS = """
-INSERT INTO user_event (recipient_id, seq, type, data, created_at)
-SELECT recipient_id, seq, type, data, $5 FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::jsonb[])
-    AS e(recipient_id, seq, type, data)"""
-PG_INSERT_OUTBOX = """
-INSERT INTO outbox_event (id, type, aggregate_id, recipients, payload, created_at, updated_at)
-SELECT id, 'push', aggregate_id, recipients, payload, $4, $4
-FROM unnest($1::uuid[], $2::uuid[], $3::jsonb[], $5::jsonb[]) AS o(id, aggregate_id, recipients, payload)"""
+# One round trip for a group's streams, events and pushes. The streams move forward by each user's count ($1,
+# $2), in user order, so two writers take the stream rows' locks in the same order and never deadlock; the k-th
+# event of a user in the group ($4) takes position last - count + k; every data-modifying part runs whether
+# or not the final SELECT reads it.
+PG_WRITE_EVENTS = """
+WITH counts AS (SELECT * FROM unnest($1::uuid[], $2::bigint[]) AS c(user_id, n)),
+numbered AS (
+    INSERT INTO user_stream (user_id, last_seq) SELECT user_id, n FROM counts ORDER BY user_id
+    ON CONFLICT (user_id) DO UPDATE SET last_seq = user_stream.last_seq + excluded.last_seq
+    RETURNING user_id, last_seq),
+events AS (
+    INSERT INTO user_event (recipient_id, seq, type, data, created_at)
+    SELECT e.recipient_id, s.last_seq - c.n + e.k, e.type, e.data, $7
+    FROM unnest($3::uuid[], $4::bigint[], $5::text[], $6::jsonb[]) AS e(recipient_id, k, type, data)
+    JOIN numbered s ON s.user_id = e.recipient_id JOIN counts c ON c.user_id = e.recipient_id),
+pushes AS (
+    INSERT INTO outbox_event (id, type, aggregate_id, recipients, payload, created_at, updated_at)
+    SELECT id, 'push', aggregate_id, recipients, payload, $7, $7
+    FROM unnest($8::uuid[], $9::uuid[], $10::jsonb[], $11::jsonb[]) AS o(id, aggregate_id, recipients, payload))
+SELECT user_id, last_seq FROM numbered"""
 PG_FILE_ANALYSES = """
 UPDATE document d SET conversation_id = coalesce(d.conversation_id, f.conversation_id),
                       inbox_status = coalesce(d.inbox_status, 'new')
 FROM unnest($1::uuid[], $2::uuid[]) AS f(document_id, conversation_id) WHERE d.id = f.document_id"""
 
 
+class HeldConnection:
+    """One PostgreSQL connection a send writer keeps between its groups, so each group starts on a warm
+    backend: the pool hands out its least recently used connection, whose backend has slept the longest, and
+    on a busy machine waking it made a group's BEGIN its slowest statement. Dropped after any error; the next
+    group connects again."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self._connection: AsyncConnection | None = None
+
+    async def driver(self) -> asyncpg.Connection:
+        if self._connection is None:
+            self._connection = await self.database.engine.connect()
+        driver = (await self._connection.get_raw_connection()).driver_connection
+        assert driver is not None
+        return driver
+
+    async def drop(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):  # a broken connection is discarded by the pool either way
+                await connection.invalidate()
+                await connection.close()
+
+
 @asynccontextmanager
-async def open_store(database: Database, statement_seconds: float = 5.0) -> AsyncIterator[SendStore]:
-    """A store in a transaction of its own, committed when the block ends without an error."""
-    if database.engine.dialect.name == "postgresql":
+async def open_store(database: Database, statement_seconds: float = 5.0,
+                     held: HeldConnection | None = None) -> AsyncIterator[SendStore]:
+    """A store in a transaction of its own, committed when the block ends without an error; on PostgreSQL
+    over `held` when given."""
+    if held is not None and database.engine.dialect.name == "postgresql":
+        driver = await held.driver()
+        try:
+            async with driver.transaction():
+                yield PgSendStore(driver, statement_seconds)
+        except BaseException:
+            await held.drop()
+            raise
+    elif database.engine.dialect.name == "postgresql":
         async with database.engine.connect() as connection:
             driver = (await connection.get_raw_connection()).driver_connection
             assert driver is not None
@@ -224,6 +266,7 @@ class PgSendStore:
     def __init__(self, connection: asyncpg.Connection, timeout: float) -> None:
         self.connection = connection
         self.timeout = timeout
+        self.pushed = False
 
     async def parties(self, conversation_ids: Sequence[UUID]) -> list[PartyRow]:
         return [PartyRow(*row) for row in await self.connection.fetch(PG_PARTIES, list(conversation_ids),
@@ -251,29 +294,27 @@ class PgSendStore:
     async def delete_messages(self, ids: list[UUID]) -> None:
         await self.connection.execute("DELETE FROM message WHERE id = ANY($1::uuid[])", ids, timeout=self.timeout)
 
-    async def number_streams(self, counts: dict[UUID, int]) -> dict[UUID, int]:
+    async def write_events(self, events: Events, pushes: list[Push], staged: streams.Staged) -> None:
+        counts = streams.tally(events)
+        if not counts:
+            return  # nothing accepted, so nothing to push either
+        recipients, ordinals, types, data = [], [], [], []
+        seen: Counter[UUID] = Counter()
+        for people, type_, payload in events:
+            encoded = _json(payload)  # the people of a message share its data: encoded once
+            for person in people:
+                seen[person] += 1
+                recipients.append(person)
+                ordinals.append(seen[person])
+                types.append(type_)
+                data.append(encoded)
         users = list(counts)
-        rows = await self.connection.fetch(PG_NUMBER_STREAMS, users, [counts[u] for u in users],
-                                           timeout=self.timeout)
-        return {row[0]: row[1] for row in rows}
-
-    async def insert_events(self, events: list[streams.Event]) -> None:
-        if events:
-            encoded: dict[int, str] = {}  # the people of a message share its data dict: encode it once
-            for e in events:
-                if id(e.data) not in encoded:
-                    encoded[id(e.data)] = _json(e.data)
-            data = [encoded[id(e.data)] for e in events]
-            await self.connection.execute(
-                PG_INSERT_EVENTS, [e.recipient_id for e in events], [e.seq for e in events],
-                [e.type for e in events], data, dt.datetime.now(dt.UTC), timeout=self.timeout)
-
-    async def stage_pushes(self, pushes: list[Push]) -> None:
-        if pushes:
-            await self.connection.execute(
-                PG_INSERT_OUTBOX, [uuid7() for _ in pushes], [p[0] for p in pushes],
-                [_json(p[1]) for p in pushes], dt.datetime.now(dt.UTC), [_json(p[2]) for p in pushes],
-                timeout=self.timeout)
+        rows = await self.connection.fetch(
+            PG_WRITE_EVENTS, users, [counts[u] for u in users], recipients, ordinals, types, data,
+            dt.datetime.now(dt.UTC), [uuid7() for _ in pushes], [p[0] for p in pushes],
+            [_json(p[1]) for p in pushes], [_json(p[2]) for p in pushes], timeout=self.timeout)
+        streams.lay_out(events, counts, {row[0]: row[1] for row in rows}, staged)  # the numbers the SQL gave
+        self.pushed = bool(pushes)
 
     async def file_analyses(self, filed: list[tuple[UUID, UUID]]) -> None:
         if filed:

@@ -27,7 +27,7 @@ class Event:
     recipient_id: UUID
     seq: int
     type: str
-    data: dict[str, Any]
+    data: dict[str, Any] | msgspec.Raw  # Raw: as it came over the bus, spliced into the socket's frame as is
 
 
 class Staged:
@@ -37,11 +37,16 @@ class Staged:
         self.events: list[Event] = []
 
     def encode(self) -> bytes:
-        return msgspec.json.encode([[str(e.recipient_id), e.seq, e.type, e.data] for e in self.events])
+        return msgspec.json.encode([[e.recipient_id, e.seq, e.type, e.data] for e in self.events])
+
+
+WIRE = msgspec.json.Decoder(list[tuple[UUID, int, str, msgspec.Raw]])
 
 
 def decode(raw: bytes) -> list[Event]:
-    return [Event(UUID(r), seq, type_, data) for r, seq, type_, data in msgspec.json.decode(raw)]
+    """A published batch; each event's data stays JSON text (every socket that sends it splices it into its
+    frame: nothing is decoded into dicts and encoded again)."""
+    return [Event(recipient, seq, type_, data) for recipient, seq, type_, data in WIRE.decode(raw)]
 
 
 PAGE = 1000

@@ -14,9 +14,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import params, timeparams
 from app.access import ADMINS, BOOKERS_FOR_OTHERS, PATIENTS, SPECIALIST_ROLES, Viewer, require_roles, signed_in
+from app.accounts import reads as account_reads
 from app.accounts.controllers import parse_cursor
 from app.audit.service import audit_trail
 from app.chat.schemas import ConversationOut, ExtendIn
+from app.consultations import reads
 from app.consultations.models import AnalysisOrder, Conclusion, Consultation, Rating
 from app.consultations.schemas import (
     AnalysisOrderOut,
@@ -97,26 +99,24 @@ class ConsultationController(Controller):
     async def book_consultation(self, request: Request[Viewer, Any, Any],
                                 consultations: NamedDependency[ConsultationService],
                                 data: JSONBody[BookIn]) -> ConsultationOut:
-        return await self._shaped(consultations, request.user, await consultations.book(request.user, data))
+        booked = await consultations.book(request.user, data)
+        return consultation_out(booked, booked.patient)
 
     @get("/", guards=[signed_in])
-    async def list_consultations(self, request: Request[Viewer, Any, Any],
-                                 consultations: NamedDependency[ConsultationService],
-                                 from_: params.From = None,
+    async def list_consultations(self, request: Request[Viewer, Any, Any], from_: params.From = None,
                                  to: params.To = None, status: FromQuery[Status | None] = None,
                                  specialist_id: FromQuery[UUID | None] = None, tz: params.Zone = None,
                                  limit: FromQuery[Limit] = 200, cursor: params.Cursor = None,
                                  ) -> Page[ConsultationOut]:
+        state = request.app.state
         start = end = None
         if from_ or to:
-            zone = timeparams.zone(tz or await consultations.accounts.timezone_of(request.user.id))
+            zone = timeparams.zone(tz or await account_reads.timezone_of(state.database.reads, request.user.id,
+                                                                 state.settings.clinic_timezone))
             timeparams.answer_in(zone)  # the days asked for and the answer in one zone
             start, end = timeparams.time_range(from_, to, zone)
-        page = await consultations.calendar(request.user, start, end, status, specialist_id, limit,
-                                            parse_calendar_cursor(cursor))
-        cards = await consultations.accounts.briefs(request.user, [c.patient_id for c in page.rows])
-        return Page(items=[consultation_out(c, cards.get(c.patient_id)) for c in page.rows],
-                    next_cursor=page.next_cursor)
+        return await reads.calendar(state.database.reads, request.user, start, end, status, specialist_id, limit,
+                                    parse_calendar_cursor(cursor))
 
     @get("/{consultation_id:uuid}", guards=[signed_in])
     async def get_consultation(self, request: Request[Viewer, Any, Any],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -14,11 +15,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from uuid_utils.compat import uuid7
 
-from app import access, outbox
+from app import access, outbox, writes
 from app.access import Role, Viewer
-from app.accounts.service import AccountService
+from app.accounts.service import AccountService, age_on, check_birth_date, initials
 from app.audit.service import AuditTrail
-from app.chat.service import ChatService, Window
+from app.chat import streams
+from app.chat.service import ChatService, Window, window_of
+from app.consultations import booking
 from app.consultations.lifecycle import ENDED, OPEN_FOR_CHAT, STATUS_PHRASES, TIMING_DETAILS, TRANSITIONS, Party
 from app.consultations.models import AnalysisOrder, Conclusion, Consultation, Rating
 from app.consultations.schemas import AnalysisStatus, BookIn, ConclusionIn, Format, PayIn, RatingIn, Status
@@ -26,16 +29,13 @@ from app.errors import Conflict, Forbidden, Invalid, NotVisible, Unavailable
 from app.notifications import reminders
 from app.payments.models import Payment
 from app.payments.service import PaymentService
-from app.scheduling.service import SchedulingService
+from app.scheduling.service import SchedulingService, refuse_unless_served
 from app.schemas import money_ok
 from app.settings import Settings
 
 # ICD-10: a letter (U is reserved), two digits (or digit + A/B), an optional dot and up to four more
 ICD10 = re.compile(r"^[A-TV-Z][0-9][0-9AB](\.[0-9A-Z]{1,4})?$")
 LIVE = (Status.PENDING_CONFIRMATION, Status.CONFIRMED, Status.IN_PROGRESS)
-CALENDAR_COLUMNS = (Consultation.id, Consultation.patient_id, Consultation.specialist_id, Consultation.service_id,
-                    Consultation.slot_id, Consultation.specialty, Consultation.starts_at, Consultation.ends_at,
-                    Consultation.format, Consultation.status, Consultation.paid, Consultation.conversation_id)
 
 
 def utcnow() -> dt.datetime:
@@ -76,18 +76,51 @@ async def in_care(session: AsyncSession, specialist_id: UUID, patient_id: UUID, 
         caring(care_after_days)))))
 
 
+def announcement(visit: Any, change: str) -> dict[str, Any]:
+    """What consultation.updated says (the outbox's payload and the live event alike)."""
+    return {"consultation_id": str(visit.id), "status": visit.status, "change": change, "paid": visit.paid,
+            "starts_at": visit.starts_at.isoformat(), "specialist_id": str(visit.specialist_id),
+            "patient_id": str(visit.patient_id)}
+
+
+def tx_dialect(session: AsyncSession) -> str:
+    return session.get_bind().dialect.name
+
+
+def slot_free(slot: Mapping[str, Any], viewer_id: UUID, hold_id: UUID | None, now: dt.datetime) -> bool:
+    """What the claim asks of a slot (booking.CLAIM, CLAIM_HELD): not booked, and not held, or held by the
+    caller under this hold."""
+    if slot["consultation_id"] is not None:
+        return False
+    held = slot["held_until"] is not None and slot["held_until"] > now
+    return not held or (hold_id is not None and slot["hold_id"] == hold_id and slot["held_by"] == viewer_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Booked:
+    """A consultation just booked, with the short card of its patient as the caller may see it."""
+
+    id: UUID
+    patient_id: UUID
+    specialist_id: UUID
+    service_id: UUID
+    slot_id: UUID
+    specialty: str
+    starts_at: dt.datetime
+    ends_at: dt.datetime
+    format: str
+    status: str
+    paid: bool
+    conversation_id: UUID | None
+    patient: dict[str, Any]
+
+
 @dataclass(frozen=True, slots=True)
 class PatientRow:
     patient: dict[str, Any]  # the masked card
     next: Consultation | None
     last_at: dt.datetime
     tz_offset_minutes: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class Page:
-    rows: list[Any]  # rows with the consultation's columns
-    next_cursor: str | None
 
 
 class ConsultationService:
@@ -102,87 +135,164 @@ class ConsultationService:
 
     # --- booking -------------------------------------------------------------------------------
 
-    async def book(self, viewer: Viewer, data: BookIn) -> Consultation:
+    async def book(self, viewer: Viewer, data: BookIn) -> Booked:
+        """Book a slot. Bookers of one slot in this process take turns (booking.TURNS): those behind one that
+        books it are answered 409 without a statement. A turn looks at the slot first, with no transaction (a
+        slot already gone is answered 409 at once), then books in one transaction whose first write is the
+        claim, so a loser writes nothing. Committed here, before the answer: the bookers waiting for this
+        slot learn that it is gone."""
         front_desk = viewer.has_any(access.BOOKERS_FOR_OTHERS)
         if front_desk:
             patient_id = await self.accounts.patient_for_front_desk(data.patient_id, data.patient_phone,
                                                                     data.patient_name, data.dependent_name)
         else:
             patient_id = await self.accounts.acting_patient(viewer, data.patient_id)
-        patient = await self.scheduling.one_at_a_time(patient_id)  # this patient's bookings queue up from here
-        await self.accounts.fill_card(patient, data.patient_birth_date,
-                                     data.patient_sex.value if data.patient_sex else None)
-        slot = await self.scheduling.slot(data.slot_id)
-        if slot.consultation_id is not None:  # already gone: answer at once (the claim below still decides)
-            raise Conflict("the slot is already taken", "slot_taken")
-        service = await self.scheduling.service(data.service_id)
-        specialist = await self.accounts.specialist(slot.specialist_id)
-        if service.specialty not in specialist.specialties:
-            raise Invalid("this specialist does not offer this service", "service_not_offered")
-        if slot.starts_at <= utcnow():
-            raise Invalid("the slot has already begun", "slot_in_past")
-        await self.scheduling.check_serves(service.specialty, patient, slot.starts_at)
-        history = await self._history(patient_id)
-        if data.format is Format.ONLINE:
-            if service.in_person_only:
-                raise Invalid("this service is only given in person", "service_in_person_only")
-            if not history.completed_in_person:
-                raise Invalid("the first visit must be in person", "first_visit_in_person")
-        first_time = not history.completed_any
-        status = Status.PENDING_CONFIRMATION if first_time and not front_desk else Status.CONFIRMED
-        consultation_id = uuid7()
-        await self.scheduling.claim(slot.id, consultation_id, viewer, data.hold_id)  # 409 for every loser
-        # after the claim: on SQLite its write lock is what orders two bookings of one patient (a refusal
-        # rolls the claim back with the request's transaction)
-        await self._refuse_if_too_many(patient_id)
-        await self._refuse_if_busy(patient_id, slot.starts_at, slot.ends_at)
-        conversation = await self.chat.conversation_for(patient_id, specialist.id)
-        visit = Consultation(
-            id=consultation_id, patient_id=patient_id, specialist_id=specialist.id, service_id=service.id,
-            slot_id=slot.id, specialty=service.specialty, starts_at=slot.starts_at, ends_at=slot.ends_at,
-            format=data.format.value, status=status.value, paid=False, booked_by=viewer.id,
-            conversation_id=conversation.id)
-        self.session.add(visit)
-        try:
-            async with self.session.begin_nested():
-                await self.session.flush()
-        except IntegrityError as exc:  # the partial unique index, should the slot row ever disagree
-            raise Conflict("the slot is already taken", "slot_taken") from exc
-        if status is Status.CONFIRMED:
-            await self.chat.open_window(conversation.id, visit.id, visit.ends_at)
-        await reminders.schedule(self.session, self.settings, visit.id, visit.starts_at)
-        await self._announce(visit, "booked")
+        # the front desk may have written a new card through the session: its booking joins that transaction
+        async with booking.TURNS.turn(data.slot_id), writes.connection(self.session, own=not front_desk) as conn:
+            slot_now = await conn.each.one(booking.SLOT_NOW, slot_id=data.slot_id)  # no transaction yet
+            if slot_now is not None and not slot_free(slot_now, viewer.id, data.hold_id, utcnow()):
+                raise Conflict("the slot is already taken", "slot_taken")  # as the claim would
+            async with conn.transaction() as tx:
+                visit = await self._book_in(tx, viewer, data, patient_id, front_desk)
+        outbox.committed()  # its outbox row is in: wake the workers
         return visit
 
-    async def _refuse_if_too_many(self, patient_id: UUID) -> None:
-        """A fair share of the calendar: at most `live_bookings_per_patient` upcoming visits per patient."""
-        live = await self.session.scalar(select(func.count()).select_from(Consultation).where(
-            Consultation.patient_id == patient_id, Consultation.ends_at > utcnow(),
-            Consultation.status.not_in([s.value for s in ENDED])))
-        if (live or 0) >= self.settings.live_bookings_per_patient:
+    async def _book_in(self, tx: writes.Tx, viewer: Viewer, data: BookIn, patient_id: UUID,
+                       front_desk: bool) -> Booked:
+        now = utcnow()
+        facts = await tx.one(booking.FACTS, patient_id=patient_id, slot_id=data.slot_id, service_id=data.service_id)
+        if facts is None:
+            raise NotVisible("patient not found")
+        birth_date, sex = facts["birth_date"], facts["sex"]
+        told_birth_date = data.patient_birth_date if birth_date is None else None
+        told_sex = data.patient_sex.value if data.patient_sex is not None and sex is None else None
+        if told_birth_date is not None:  # a birth date or sex the card lacks is recorded (told at booking)
+            check_birth_date(told_birth_date)
+            birth_date = told_birth_date
+        sex = told_sex or sex
+        if facts["slot_id"] is None:
+            raise NotVisible("slot not found")
+        if facts["slot_taken_by"] is not None:
+            raise Conflict("the slot is already taken", "slot_taken")
+        if facts["service_id"] is None or not facts["service_active"]:
+            raise Invalid("no such service", "service_unknown")
+        specialties = facts["specialist_specialties"] or []
+        if not specialties or not set(facts["specialist_roles"] or []) & access.SPECIALIST_ROLES:
+            raise NotVisible("specialist not found")
+        specialty, starts_at, ends_at = facts["specialty"], facts["starts_at"], facts["ends_at"]
+        if specialty not in specialties:
+            raise Invalid("this specialist does not offer this service", "service_not_offered")
+        if starts_at <= now:
+            raise Invalid("the slot has already begun", "slot_in_past")
+        if facts["rule_id"] is not None:
+            refuse_unless_served(specialty, facts["min_age"], facts["max_age"], facts["rule_sex"], birth_date, sex,
+                                 starts_at, self.settings.clinic_timezone)
+        if data.format is Format.ONLINE:
+            if facts["in_person_only"]:
+                raise Invalid("this service is only given in person", "service_in_person_only")
+            if not facts["completed_in_person"]:
+                raise Invalid("the first visit must be in person", "first_visit_in_person")
+        status = Status.PENDING_CONFIRMATION if not facts["completed_any"] and not front_desk else Status.CONFIRMED
+        visit_id, specialist_id = uuid7(), facts["specialist_id"]
+        if data.hold_id is None:
+            claimed = await tx.one(booking.CLAIM, claim_slot=data.slot_id, claim_for=visit_id, now=now)
+        else:
+            claimed = await tx.one(booking.CLAIM_HELD, claim_slot=data.slot_id, claim_for=visit_id, now=now,
+                                   hold=data.hold_id, holder=viewer.id)
+        if claimed is None:
+            raise Conflict("the slot is already taken", "slot_taken")
+        # after the claim: on SQLite its write lock is what orders two bookings of one patient (a refusal
+        # rolls the claim back with the transaction)
+        mine = await tx.one(booking.AFTER_CLAIM, patient_id=patient_id, now=now, starts_at=starts_at,
+                            ends_at=ends_at, specialist_id=specialist_id)
+        assert mine is not None
+        if (mine["upcoming"] or 0) >= self.settings.live_bookings_per_patient:
             raise Conflict(f"a patient holds at most {self.settings.live_bookings_per_patient} upcoming visits",
                            "too_many_bookings", limit=self.settings.live_bookings_per_patient)
-
-    async def _refuse_if_busy(self, patient_id: UUID, starts_at: dt.datetime, ends_at: dt.datetime) -> None:
-        """One person, one place at a time: no two live consultations of a patient overlap."""
-        overlapping = await self.session.scalar(select(Consultation.id).where(
-            Consultation.patient_id == patient_id, Consultation.status.in_(LIVE),
-            Consultation.starts_at < ends_at, Consultation.ends_at > starts_at).limit(1))
-        if overlapping is not None:
+        if mine["busy"]:
             raise Conflict("the patient has another consultation at this time", "patient_busy")
+        if told_birth_date is not None or told_sex is not None:
+            await tx.run(booking.FILL_CARD, card_of=patient_id, told_birth_date=told_birth_date, told_sex=told_sex,
+                         at=now)
+        conversation_id = mine["conversation_id"] or await self._new_conversation(tx, facts, specialist_id, now)
+        try:
+            await tx.run(booking.NEW_VISIT, id=visit_id, patient_id=patient_id, specialist_id=specialist_id,
+                         service_id=facts["service_id"], slot_id=data.slot_id, specialty=specialty,
+                         starts_at=starts_at, ends_at=ends_at, format=data.format.value, status=status.value,
+                         paid=False, booked_by=viewer.id, cancel_reason=None, started_at=None, completed_at=None,
+                         conversation_id=conversation_id, created_at=now, updated_at=now)
+        except writes.UNIQUE_VIOLATIONS as exc:  # the partial unique index, should the slot row ever disagree
+            raise Conflict("the slot is already taken", "slot_taken") from exc
+        dialect = booking.DIALECTS[tx_dialect(self.session)]
+        # the conversation's people (app/chat/service.py Party), as its row has them
+        has_login, guardian_id = ((mine["patient_has_login"], mine["conversation_guardian_id"])
+                                  if mine["conversation_id"] else (bool(facts["phone"]), facts["guardian_id"]))
+        people = {specialist_id, *([patient_id] if has_login else []), *([guardian_id] if guardian_id else [])}
+        events: list[tuple[set[UUID], str, dict[str, Any]]] = []
+        if status is Status.CONFIRMED and await tx.run(dialect.new_window, id=uuid7(), conversation_id=conversation_id,
+                                                       consultation_id=visit_id, ends_at=ends_at, created_at=now,
+                                                       updated_at=now):
+            party = await tx.one(booking.PARTY_WINDOW, conversation_id=conversation_id)
+            assert party is not None
+            window = window_of(party["extended_until"], party["planned_end"], now)
+            events.append((people, "conversation.opened", {
+                "conversation_id": str(conversation_id), "writable": window.writable,
+                "writable_until": window.until.isoformat() if window.until else None}))
+        await tx.run_many(dialect.new_reminders, booking.reminder_rows(visit_id, starts_at,
+                                                                       reminders.offsets(self.settings), now, uuid7))
+        visit = Booked(id=visit_id, patient_id=patient_id, specialist_id=specialist_id,
+                       service_id=facts["service_id"], slot_id=data.slot_id, specialty=specialty, starts_at=starts_at,
+                       ends_at=ends_at, format=data.format.value, status=status.value, paid=False,
+                       conversation_id=conversation_id,
+                       patient=self._booked_card(viewer, patient_id, facts["full_name"], birth_date,
+                                                 facts["guardian_id"]))
+        announced = announcement(visit, "booked")
+        await tx.run(booking.NEW_OUTBOX_EVENT, id=uuid7(), type="consultation.updated", aggregate_id=visit_id,
+                     recipients=[str(patient_id), str(specialist_id)], payload=announced, attempts=0,
+                     next_attempt_at=now, dispatched_at=None, lease_until=None, lease_owner=None, failed_at=None,
+                     last_error=None, created_at=now, updated_at=now)
+        events.append((people, "consultation.updated", announced))
+        await self._append_events(tx, events, now)
+        return visit
 
-    @dataclass(frozen=True, slots=True)
-    class History:
-        completed_any: bool
-        completed_in_person: bool
+    async def _new_conversation(self, tx: writes.Tx, facts: writes.Row, specialist_id: UUID,
+                                now: dt.datetime) -> UUID:
+        """The pair's conversation, made at its first booking (two at once: one insert wins, both read it)."""
+        dialect = booking.DIALECTS[tx_dialect(self.session)]
+        made = await tx.one(dialect.new_conversation, id=uuid7(), patient_id=facts["patient_id"],
+                            specialist_id=specialist_id, guardian_id=facts["guardian_id"],
+                            patient_has_login=bool(facts["phone"]), extended_until=None, created_at=now,
+                            updated_at=now)
+        if made is None:
+            made = await tx.one(booking.CONVERSATION_OF_PAIR, patient_id=facts["patient_id"],
+                                specialist_id=specialist_id)
+        assert made is not None
+        conversation_id: UUID = made["id"]
+        return conversation_id
 
-    async def _history(self, patient_id: UUID) -> ConsultationService.History:
-        row = (await self.session.execute(select(
-            func.count().filter(Consultation.status == Status.COMPLETED),
-            func.count().filter(and_(Consultation.status == Status.COMPLETED,
-                                     Consultation.format == Format.IN_PERSON)),
-        ).where(Consultation.patient_id == patient_id))).one()
-        return ConsultationService.History(completed_any=row[0] > 0, completed_in_person=row[1] > 0)
+    async def _append_events(self, tx: writes.Tx, events: list[tuple[set[UUID], str, dict[str, Any]]],
+                             now: dt.datetime) -> None:
+        """Into the recipients' streams in list order (app/chat/streams.py), published once committed."""
+        counts = streams.tally(events)
+        users = sorted(counts)  # stream rows are taken in user order: two writers never deadlock
+        rows = await tx.all(booking.numbering(tx_dialect(self.session), len(users)),
+                            **{f"user_{i}": u for i, u in enumerate(users)},
+                            **{f"n_{i}": counts[u] for i, u in enumerate(users)})
+        numbered = streams.lay_out(events, counts, {r["user_id"]: r["last_seq"] for r in rows},
+                                   streams.staged_for(self.session))
+        await tx.run_many(booking.NEW_EVENTS, [
+            {"recipient_id": e.recipient_id, "seq": e.seq, "type": e.type, "data": e.data, "created_at": now}
+            for e in numbered])
+
+    @staticmethod
+    def _booked_card(viewer: Viewer, patient_id: UUID, full_name: str, birth_date: dt.date | None,
+                     guardian_id: UUID | None) -> dict[str, Any]:
+        """The short card a booking answers with, through the masks (as AccountService.briefs)."""
+        acts_for = [patient_id] if guardian_id == viewer.id else []
+        card = {"id": patient_id, "full_name": full_name, "initials": initials(full_name),
+                "age": age_on(birth_date, dt.date.today()) if birth_date else None,
+                "is_dependent": guardian_id is not None}
+        return access.mask_patient(card, access.visible_card_fields(viewer, patient_id, acts_for))
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -204,32 +314,6 @@ class ConsultationService:
         if not (party.for_patient or party.is_specialist or party.is_front_desk):
             raise NotVisible("consultation not found")
         return visit, party
-
-    async def calendar(self, viewer: Viewer, start: dt.datetime | None, end: dt.datetime | None,
-                       status: str | None, specialist_id: UUID | None, limit: int,
-                       cursor: tuple[dt.datetime, UUID] | None) -> Page:
-        query = select(*CALENDAR_COLUMNS)  # plain rows: a calendar is read often and never changed in place
-        if viewer.has_any(access.BOOKERS_FOR_OTHERS):
-            if specialist_id is not None:
-                query = query.where(Consultation.specialist_id == specialist_id)
-        elif access.is_clinician(viewer):
-            query = query.where(Consultation.specialist_id == viewer.id)
-        else:
-            query = query.where(Consultation.patient_id.in_(await self.accounts.patients_acted_for(viewer)))
-        if start is not None:
-            query = query.where(Consultation.starts_at >= start)
-        if end is not None:
-            query = query.where(Consultation.starts_at < end)
-        if status is not None:
-            query = query.where(Consultation.status == status)
-        if cursor is not None:
-            query = query.where(or_(Consultation.starts_at > cursor[0],
-                                    and_(Consultation.starts_at == cursor[0], Consultation.id > cursor[1])))
-        rows = list((await self.session.execute(
-            query.order_by(Consultation.starts_at, Consultation.id).limit(limit + 1))).all())
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return Page(rows, f"{rows[-1].starts_at.isoformat()}|{rows[-1].id}" if more else None)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -352,9 +436,7 @@ class ConsultationService:
 
     async def _announce(self, visit: Consultation, change: str) -> None:
         """consultation.updated: into the outbox for notifications, and live to the people of its chat."""
-        data = {"consultation_id": str(visit.id), "status": visit.status, "change": change, "paid": visit.paid,
-                "starts_at": visit.starts_at.isoformat(), "specialist_id": str(visit.specialist_id),
-                "patient_id": str(visit.patient_id)}
+        data = announcement(visit, change)
         outbox.stage(self.session, "consultation.updated", visit.id,
                      [str(visit.patient_id), str(visit.specialist_id)], data)
         if visit.conversation_id is not None:
@@ -366,11 +448,6 @@ class ConsultationService:
         if not party.is_specialist or visit.conversation_id is None:
             raise Forbidden("only the consultation's specialist extends its chat", "not_allowed")
         return visit, await self.chat.extend(visit.conversation_id, until)
-
-    async def active_for_specialist(self, viewer: Viewer) -> list[Consultation]:
-        return list((await self.session.scalars(
-            select(Consultation).where(Consultation.specialist_id == viewer.id, Consultation.status.in_(LIVE))
-            .order_by(Consultation.starts_at).limit(1000))).all())
 
     # --- conclusions ---------------------------------------------------------------------------
 

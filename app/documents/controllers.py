@@ -16,6 +16,7 @@ from app import params
 from app.access import INBOX_ROLES, Viewer, require_roles, signed_in
 from app.accounts.controllers import parse_cursor
 from app.audit.service import audit_trail
+from app.documents import reads
 from app.documents.schemas import DocumentOut, Kind, document_out
 from app.documents.service import DocumentService, Page
 from app.schemas import Page as PageOut
@@ -41,13 +42,13 @@ def page_out(page: Page) -> PageOut[DocumentOut]:
 
 # a plain handler, not a method: the uploads' controller shares this path (POST), and Litestar takes one
 # controller per path
-@get("/api/v1/documents", guards=[signed_in], tags=["documents"],
-     dependencies={"documents": Provide(provide_documents)})
-async def list_documents(request: Request[Viewer, Any, Any], documents: NamedDependency[DocumentService],
-                         patient_id: FromQuery[UUID | None] = None, kind: FromQuery[Kind | None] = None,
-                         limit: FromQuery[Limit] = 50, cursor: params.Cursor = None) -> PageOut[DocumentOut]:
-    return page_out(await documents.list_for(request.user, patient_id, kind, limit, parse_cursor(cursor),
-                                             audit=audit_trail(request)))
+@get("/api/v1/documents", guards=[signed_in], tags=["documents"])
+async def list_documents(request: Request[Viewer, Any, Any], patient_id: FromQuery[UUID | None] = None,
+                         kind: FromQuery[Kind | None] = None, limit: FromQuery[Limit] = 50,
+                         cursor: params.Cursor = None) -> PageOut[DocumentOut]:
+    state = request.app.state
+    return await reads.documents(state.database.reads, request.user, patient_id, kind, limit, parse_cursor(cursor),
+                                 state.settings.care_after_days, audit_trail(request))
 
 
 class DocumentController(Controller):

@@ -10,6 +10,7 @@ same grants made into one SQL clause. No HTTP here.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,11 +22,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import access, outbox
 from app.access import Ground, Role, Viewer
+from app.accounts.models import User
 from app.accounts.service import AccountService, utcnow
 from app.audit.service import AuditTrail
 from app.chat import streams
 from app.consultations.models import Consultation
-from app.consultations.service import caring
+from app.consultations.service import caring, caring_since
 from app.documents.models import Document, DocumentShare
 from app.documents.schemas import document_out
 from app.errors import Conflict, Forbidden, Invalid, NotVisible
@@ -47,6 +49,40 @@ class Page:
 def _page(rows: Sequence[Document], limit: int) -> Page:
     items = list(rows[:limit])
     return Page(items, str(items[-1].id) if len(rows) > limit else None)
+
+
+def visible_clause(roles: frozenset[Role], viewer_id: Any, care_since: Any) -> ColumnElement[bool]:
+    """The same mask as `access.document_visible`, as one SQL condition: each grant's ground, author roles and
+    kinds; a document not yet ready is its author's alone. The viewer's id and the moment care lapses before
+    are values or bind parameters (a statement built once per set of roles, app/documents/reads.py)."""
+    clauses = []
+    for grant in access.grants_of(roles):
+        parts = [_ground_clause(grant.ground, roles, viewer_id, care_since)]
+        if grant.authors is not None:
+            parts.append(Document.author_role.in_(sorted(grant.authors)))
+        if grant.kinds is not None:
+            parts.append(Document.kind.in_(sorted(grant.kinds)))
+        clauses.append(and_(*parts))
+    return or_(and_(Document.status == READY, or_(false(), *clauses)),
+               and_(Document.status != READY, Document.author_id == viewer_id))
+
+
+def _ground_clause(ground: Ground, roles: frozenset[Role], viewer_id: Any, care_since: Any) -> Any:
+    if ground is Ground.OWN:  # the viewer, and a patient's dependents (AccountService.patients_acted_for)
+        if Role.PATIENT not in roles:
+            return Document.patient_id == viewer_id
+        return or_(Document.patient_id == viewer_id,
+                   Document.patient_id.in_(select(User.id).where(User.guardian_id == viewer_id)))
+    if ground is Ground.AUTHOR:
+        return Document.author_id == viewer_id
+    if ground is Ground.IN_CARE:
+        return Document.patient_id.in_(select(Consultation.patient_id).where(
+            Consultation.specialist_id == viewer_id, caring_since(care_since)))
+    if ground is Ground.CONSULTATION:
+        return Document.consultation_id.in_(select(Consultation.id).where(Consultation.specialist_id == viewer_id))
+    if ground is Ground.SHARED:
+        return Document.id.in_(select(DocumentShare.document_id).where(DocumentShare.specialist_id == viewer_id))
+    return Document.inbox_status.is_not(None)  # Ground.INBOX
 
 
 class DocumentService:
@@ -104,36 +140,9 @@ class DocumentService:
                                        author_role=document.author_role, ready=document.status == READY,
                                        relationship=ties)
 
-    async def _visible_clause(self, viewer: Viewer) -> ColumnElement[bool]:
-        """The same mask as `document_visible`, as one SQL condition: each grant's ground, author roles and
-        kinds; a document not yet ready is its author's alone."""
-        clauses = []
-        for grant in access.document_grants(viewer):
-            ground = await self._ground_clause(viewer, grant.ground)
-            parts = [ground]
-            if grant.authors is not None:
-                parts.append(Document.author_role.in_(sorted(grant.authors)))
-            if grant.kinds is not None:
-                parts.append(Document.kind.in_(sorted(grant.kinds)))
-            clauses.append(and_(*parts))
-        return or_(and_(Document.status == READY, or_(false(), *clauses)),
-                   and_(Document.status != READY, Document.author_id == viewer.id))
-
-    async def _ground_clause(self, viewer: Viewer, ground: Ground) -> ColumnElement[bool]:
-        if ground is Ground.OWN:
-            return Document.patient_id.in_(await self._acts_for(viewer))
-        if ground is Ground.AUTHOR:
-            return Document.author_id == viewer.id
-        if ground is Ground.IN_CARE:
-            return Document.patient_id.in_(select(Consultation.patient_id).where(
-                Consultation.specialist_id == viewer.id, caring(self.settings.care_after_days)))
-        if ground is Ground.CONSULTATION:
-            return Document.consultation_id.in_(select(Consultation.id).where(
-                Consultation.specialist_id == viewer.id))
-        if ground is Ground.SHARED:
-            return Document.id.in_(select(DocumentShare.document_id).where(
-                DocumentShare.specialist_id == viewer.id))
-        return Document.inbox_status.is_not(None)  # Ground.INBOX
+    def _visible_clause(self, viewer: Viewer) -> ColumnElement[bool]:
+        since = utcnow() - dt.timedelta(days=self.settings.care_after_days)
+        return visible_clause(viewer.roles, viewer.id, since)
 
     # --- single documents -----------------------------------------------------------------------
 
@@ -154,21 +163,6 @@ class DocumentService:
             audit.read("document.read", "document", document.id, document.patient_id,
                        own=document.patient_id in await self._acts_for(viewer))
         return document
-
-    async def list_for(self, viewer: Viewer, patient_id: UUID | None, kind: str | None, limit: int,
-                       cursor: UUID | None, audit: AuditTrail | None = None) -> Page:
-        """What the caller may see, newest first: one query for the page (the mask is part of it)."""
-        query = select(Document).where(await self._visible_clause(viewer))
-        if patient_id is not None:
-            query = query.where(Document.patient_id == patient_id)
-        if kind is not None:
-            query = query.where(Document.kind == kind)
-        if cursor is not None:
-            query = query.where(Document.id < cursor)
-        rows = (await self.session.scalars(query.order_by(Document.id.desc()).limit(limit + 1))).all()
-        page = _page(rows, limit)
-        await self._audit_list(viewer, page, audit, {patient_id} if patient_id is not None else set())
-        return page
 
     async def _audit_list(self, viewer: Viewer, page: Page, audit: AuditTrail | None, asked: set[UUID]) -> None:
         """Staff listing patients' documents: one row per patient whose documents the page showed (or asked for)."""
@@ -264,7 +258,7 @@ class DocumentService:
         """Analyses the patients' side sent, in one status, oldest first. Methodists see them all; a doctor or
         psychologist those the mask shows them: their patients' (in care) and those forwarded to them."""
         query = select(Document).where(Document.kind == "analysis", Document.inbox_status == status,
-                                       await self._visible_clause(viewer))
+                                       self._visible_clause(viewer))
         if cursor is not None:
             query = query.where(Document.id > cursor)
         rows = (await self.session.scalars(query.order_by(Document.id).limit(limit + 1))).all()

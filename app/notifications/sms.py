@@ -25,24 +25,57 @@ class SmsSender(Protocol):
 
 
 class LogSms:
-    """Appends one JSON line {"to", "text", "sent_at"} per message: the embedded profile's 'gateway'."""
+    """Appends one JSON line {"to", "text", "sent_at"} per message: the embedded profile's 'gateway'.
+
+    One writer appends the lines waiting, in the order they were sent, with one file open and one thread hop
+    per batch (no fsync): the event loop never waits on the disk, and many logins at once cost one write, not
+    a thread round trip each in turn. `send` returns once its line is in the file, as a gateway's answer would.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._lock = asyncio.Lock()
+        self._waiting: list[str] = []  # lines not yet handed to the writer, in send order
+        self._batch: asyncio.Future[None] | None = None  # resolves when the waiting lines are written
+        self._writer: asyncio.Task[None] | None = None
 
     async def send(self, to: str, text: str) -> None:
         line = json.dumps({"to": to, "text": text, "sent_at": dt.datetime.now(dt.UTC).isoformat()})
-        async with self._lock:  # whole lines, never interleaved
-            await asyncio.to_thread(self._append, line)
+        loop = asyncio.get_running_loop()
+        if self._writer is not None and self._writer.get_loop() is not loop:  # a new loop (tests): start over
+            self._waiting, self._batch, self._writer = [], None, None
+        self._waiting.append(line)
+        if self._batch is None:
+            self._batch = loop.create_future()
+        batch = self._batch
+        if self._writer is None or self._writer.done():
+            self._writer = loop.create_task(self._write_all(), name="sms-log-writer")
+        await asyncio.shield(batch)  # a caller that gives up does not stop the others' lines
 
-    def _append(self, line: str) -> None:
+    async def _write_all(self) -> None:
+        while self._waiting:  # lines sent while a batch is written form the next batch
+            lines, self._waiting = self._waiting, []
+            batch, self._batch = self._batch, None
+            assert batch is not None
+            try:
+                await asyncio.to_thread(self._append, lines)
+            except asyncio.CancelledError:
+                batch.cancel()
+                if self._batch is not None:
+                    self._batch.cancel()
+                raise
+            except Exception as exc:  # this batch's senders get the error; the next batch goes on
+                batch.set_exception(exc)
+            else:
+                batch.set_result(None)
+
+    def _append(self, lines: list[str]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(line + "\n")
+            f.write("".join(line + "\n" for line in lines))  # whole lines, never interleaved
 
     async def aclose(self) -> None:
-        return None
+        if self._writer is not None:
+            await asyncio.gather(self._writer, return_exceptions=True)
 
 
 class HttpSms:

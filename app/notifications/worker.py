@@ -27,7 +27,7 @@ import os
 import random
 import signal
 import socket
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID, uuid4
@@ -41,7 +41,7 @@ from uuid_utils.compat import uuid7
 
 from app import outbox
 from app.accounts.models import Device, User
-from app.chat.hub import Bus, Presence
+from app.chat.hub import Presence
 from app.consultations.models import Consultation
 from app.db import Database, dialect_insert
 from app.errors import Unavailable
@@ -66,6 +66,7 @@ PENDING_ROWS = Gauge("clinic_outbox_pending", "Outbox rows neither dispatched no
 PATIENT_CHANGES = frozenset({"confirm", "cancel", "move"})
 CALL = "call.incoming"  # urgent: never held, pushed regardless of quiet hours
 SMS_CONCURRENCY = 10
+PASSES_IN_FLIGHT = 2  # one sending while the next claims and plans
 
 
 def utcnow() -> dt.datetime:
@@ -193,6 +194,18 @@ class OutboxWorker:
         undo = outbox.on_commit(self.nudge)
         listening = asyncio.create_task(self._listen()) if self.redis is not None else None
         loop = asyncio.get_running_loop()
+        # a pass's sends and records go on while the next pass claims and plans (other rows: the first ones are
+        # leased); at most PASSES_IN_FLIGHT at once
+        delivering: set[asyncio.Task[None]] = set()
+        room = asyncio.Semaphore(PASSES_IN_FLIGHT)
+
+        def delivered(task: asyncio.Task[None]) -> None:
+            delivering.discard(task)
+            room.release()
+            self.wake.set()  # a pass after it: what it put back due now, and `idle` once nothing is left
+            if not task.cancelled() and task.exception() is not None:
+                log.error("outbox pass failed", exc_info=task.exception())
+
         try:
             while True:
                 self.wake.clear()
@@ -200,19 +213,31 @@ class OutboxWorker:
                     if loop.time() >= self._reminders_at:  # reminders fall due by the clock, not by a commit
                         self._reminders_at = loop.time() + self.settings.outbox_poll_seconds
                         await self.stage_reminders()
-                    taken = await self.drain_once()
+                    await room.acquire()
+                    try:
+                        taken = await self._take()
+                    except BaseException:
+                        room.release()
+                        raise
+                    if taken is None:
+                        room.release()
+                    else:
+                        task = asyncio.create_task(self._deliver(*taken))
+                        delivering.add(task)
+                        task.add_done_callback(delivered)
                     if loop.time() >= self._gauge_at:
                         self._gauge_at = loop.time() + self.settings.outbox_poll_seconds
                         await self.measure()
+                    count = len(taken[0]) if taken is not None else 0
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # a database or provider hiccup must not end the loop
                     log.exception("outbox pass failed")
-                    taken = 0
+                    count = 0
                     await asyncio.sleep(min(1.0, self.settings.outbox_poll_seconds))
-                if taken >= self.settings.outbox_batch_size:
+                if count >= self.settings.outbox_batch_size:
                     continue  # a backlog: take the next batch at once
-                if taken == 0:
+                if count == 0 and not delivering:
                     self.idle.set()
                 else:
                     self.idle.clear()
@@ -221,6 +246,8 @@ class OutboxWorker:
         finally:
             undo()
             self._stopping = True  # the listener ends even if its cancellation is swallowed (app/tasks.py)
+            for task in list(delivering):
+                await cancel_until_done(task)
             if listening is not None:
                 await cancel_until_done(listening)
 
@@ -262,19 +289,29 @@ class OutboxWorker:
 
     async def drain_once(self) -> int:
         """Claim a batch of due rows, send what they mean, record the outcomes. Returns how many rows."""
+        taken = await self._take()
+        if taken is None:
+            return 0
+        await self._deliver(*taken)
+        return len(taken[0])
+
+    async def _take(self) -> tuple[list[Claimed], Plan] | None:
+        """A batch of due rows claimed (and leased), and who gets what; None: nothing is due."""
         now = utcnow()
         async with self.database.writer() as session:
             rows = await self._claim(session, now)
             await session.commit()
         if not rows:
-            return 0
+            return None
         async with self.database.reader() as session:
-            plan = await self._plan(session, rows, now)
+            return rows, await self._plan(session, rows, now)
+
+    async def _deliver(self, rows: list[Claimed], plan: Plan) -> None:
+        """The plan's sends, then their outcomes recorded and the rows released."""
         outcomes = await self._send(plan.jobs)
         async with self.database.writer() as session:
             await self._record(session, rows, plan, outcomes)
             await session.commit()
-        return len(rows)
 
     async def _claim(self, session: AsyncSession, now: dt.datetime) -> list[Claimed]:
         lease = now + dt.timedelta(seconds=self.settings.outbox_lease_seconds)
@@ -574,21 +611,6 @@ class RedisNudge:
             except Exception:  # the workers' poll finds the rows anyway
                 log.warning("outbox wake-up publish failed", exc_info=True)
                 return
-
-
-class CommitNudgingBus:
-    """The chat's bus: its sends commit outbox rows over a raw connection (no session to hook), and publish
-    their events right after the commit; that publish also wakes the outbox workers."""
-
-    def __init__(self, bus: Bus) -> None:
-        self.bus = bus
-
-    async def publish(self, raw: bytes) -> None:
-        outbox.committed()
-        await self.bus.publish(raw)
-
-    async def run(self, deliver: Callable[[bytes], None]) -> None:
-        await self.bus.run(deliver)
 
 
 # --- the admin's view of rows given up -------------------------------------------------------------

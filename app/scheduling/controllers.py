@@ -14,8 +14,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app import params, timeparams
 from app.access import ADMINS, BOOKERS_FOR_OTHERS, PATIENTS, PUBLIC, Role, Viewer, require_roles, signed_in
 from app.accounts.controllers import parse_cursor, provide_accounts
+from app.accounts.reads import timezone_of
 from app.accounts.service import AccountService
-from app.scheduling.models import ClinicService, Schedule, Slot, SpecialtyRule, WaitlistRequest
+from app.scheduling import reads
+from app.scheduling.models import ClinicService, Schedule, SpecialtyRule, WaitlistRequest
 from app.scheduling.schemas import (
     HoldOut,
     RulesIn,
@@ -34,7 +36,7 @@ from app.scheduling.schemas import (
 )
 from app.scheduling.service import FeedCache, RulesCache, SchedulingService
 from app.schemas import Page
-from app.services import accounts_for, scheduling_for
+from app.services import scheduling_for
 from app.specialties import TITLES, Specialty
 
 Limit = Annotated[int, Parameter(ge=1, le=100)]
@@ -68,11 +70,6 @@ async def forget_rules(request: Request[Any, Any, Any]) -> None:
 def service_out(s: ClinicService) -> ServiceOut:
     return ServiceOut(id=s.id, specialty=s.specialty, title=s.title, duration_minutes=s.duration_minutes,
                       price=s.price, in_person_only=s.in_person_only, stage=s.stage)
-
-
-def slot_out(slot: Slot, tz: Any) -> SlotOut:
-    return SlotOut(id=slot.id, specialist_id=slot.specialist_id, starts_at=slot.starts_at.astimezone(tz),
-                   ends_at=slot.ends_at.astimezone(tz))
 
 
 def waitlist_out(w: WaitlistRequest) -> WaitlistOut:
@@ -138,15 +135,15 @@ class CatalogueController(Controller):
         return schedule_out(schedule, created, removed)
 
     @get("/specialists/{specialist_id:uuid}/slots", guards=[signed_in])
-    async def list_slots(self, request: Request[Viewer, Any, Any], scheduling: NamedDependency[SchedulingService],
-                         accounts: NamedDependency[AccountService], specialist_id: FromPath[UUID],
+    async def list_slots(self, request: Request[Viewer, Any, Any], specialist_id: FromPath[UUID],
                          from_: params.From = None,
                          to: params.To = None, tz: params.Zone = None) -> Page[SlotOut]:
-        zone = timeparams.zone(tz or await accounts.timezone_of(request.user.id))  # the stored zone, just changed
+        state = request.app.state
+        zone = timeparams.zone(tz or await timezone_of(state.database.reads, request.user.id,  # stored: just changed
+                                                       state.settings.clinic_timezone))
         timeparams.answer_in(zone)
         start, end = timeparams.time_range(from_, to, zone)
-        await accounts.specialist(specialist_id)
-        return Page(items=[slot_out(s, zone) for s in await scheduling.free_slots(specialist_id, start, end)])
+        return Page(items=await reads.free_slots(state.database.reads, specialist_id, start, end))
 
     @post("/slots/{slot_id:uuid}/hold", status_code=201, guards=[require_roles(*PATIENTS, *BOOKERS_FOR_OTHERS)])
     async def hold_slot(self, request: Request[Viewer, Any, Any], scheduling: NamedDependency[SchedulingService],
@@ -165,9 +162,7 @@ class CatalogueController(Controller):
         cached = cache.get(key)
         if cached is None:
             start, end = timeparams.time_range(from_, to, timeparams.zone(state.settings.clinic_timezone))
-            async with state.database.reader() as session:
-                specialists = {u.id: list(u.specialties) for u in await accounts_for(session, state).specialists()}
-                body = await scheduling_for(session, state).feed(specialty, start, end, specialists)
+            body = await reads.feed(state.database.reads, specialty, start, end)
             cached = body, cache.put(key, body)
         body, etag = cached
         headers = {"ETag": etag, "Cache-Control": f"public, max-age={int(cache.seconds)}"}

@@ -25,7 +25,7 @@ from app.db import dialect_insert, insert_ignoring_duplicates
 from app.errors import Conflict, Invalid, NotVisible
 from app.scheduling.calendar import slot_times, valid_hours
 from app.scheduling.models import ClinicService, Schedule, Slot, SpecialtyRule, WaitlistRequest
-from app.scheduling.schemas import FeedSlotOut, RulesIn, ScheduleIn, ServiceIn
+from app.scheduling.schemas import RulesIn, ScheduleIn, ServiceIn
 from app.schemas import money_ok
 from app.settings import Settings
 from app.specialties import TITLES, Specialty
@@ -122,25 +122,9 @@ class SchedulingService:
     async def check_serves(self, specialty: str, patient: User, starts_at: dt.datetime) -> None:
         """The direction's rule on whom it serves, for this patient on the day of the visit."""
         rule = await self.session.scalar(select(SpecialtyRule).where(SpecialtyRule.specialty == specialty))
-        if rule is None:
-            return
-        title = TITLES[Specialty(specialty)]
-        if rule.min_age is not None or rule.max_age is not None:
-            if patient.birth_date is None:
-                raise Invalid(f"{title} serves patients by age: the patient's birth date is needed",
-                              "birth_date_required")
-            age = age_on(patient.birth_date, starts_at.astimezone(_zone(self.settings.clinic_timezone)).date())
-            if rule.min_age is not None and age < rule.min_age:
-                raise Invalid(f"{title} serves patients aged {rule.min_age} and over", "patient_too_young",
-                              min_age=rule.min_age)
-            if rule.max_age is not None and age > rule.max_age:
-                raise Invalid(f"{title} serves patients aged up to {rule.max_age}", "patient_too_old",
-                              max_age=rule.max_age)
-        if rule.sex is not None:
-            if patient.sex is None:
-                raise Invalid(f"{title} serves {rule.sex} patients: the patient's sex is needed", "sex_required")
-            if patient.sex != rule.sex:
-                raise Invalid(f"{title} serves {rule.sex} patients only", "patient_sex_not_served", sex=rule.sex)
+        if rule is not None:
+            refuse_unless_served(specialty, rule.min_age, rule.max_age, rule.sex, patient.birth_date, patient.sex,
+                                 starts_at, self.settings.clinic_timezone)
 
     async def one_at_a_time(self, person_id: UUID) -> User:
         """Lock the person's row until commit, so their bookings and holds are checked one after another.
@@ -224,13 +208,6 @@ class SchedulingService:
             await self.session.commit()
         return created
 
-    async def free_slots(self, specialist_id: UUID, start: dt.datetime, end: dt.datetime) -> list[Slot]:
-        now = utcnow()
-        query = (select(Slot).where(Slot.specialist_id == specialist_id, Slot.starts_at >= max(start, now),
-                                    Slot.starts_at < end, is_free(now))
-                 .order_by(Slot.starts_at).limit(2000))
-        return list((await self.session.scalars(query)).all())
-
     async def slot(self, slot_id: UUID) -> Slot:
         slot = await self.session.get(Slot, slot_id)
         if slot is None:
@@ -264,38 +241,9 @@ class SchedulingService:
                                "or let a hold expire", "too_many_holds", limit=self.settings.holds_per_patient)
         return hold_id, until
 
-    async def claim(self, slot_id: UUID, consultation_id: UUID, viewer: Viewer, hold_id: UUID | None) -> Slot:
-        """Book the slot for a consultation: one conditional UPDATE, so exactly one racer wins."""
-        now = utcnow()
-        mine = and_(Slot.hold_id == hold_id, Slot.held_by == viewer.id) if hold_id else None
-        free = is_free(now) if mine is None else or_(is_free(now), and_(Slot.consultation_id.is_(None), mine))
-        claimed = await self.session.execute(
-            update(Slot).where(Slot.id == slot_id, Slot.starts_at > now, free)
-            .values(consultation_id=consultation_id, hold_id=None, held_by=None, held_until=None)
-            .returning(Slot.id))
-        if claimed.one_or_none() is None:
-            raise Conflict("the slot is already taken", "slot_taken")
-        return await self.slot(slot_id)
-
     async def release(self, slot_id: UUID, consultation_id: UUID) -> None:
         await self.session.execute(update(Slot).where(Slot.id == slot_id, Slot.consultation_id == consultation_id)
                                    .values(consultation_id=None))
-
-    # --- the partner feed ----------------------------------------------------------------------
-
-    async def feed(self, specialty: str | None, start: dt.datetime, end: dt.datetime,
-                   specialists: dict[UUID, list[str]]) -> bytes:
-        now = utcnow()
-        ids = [sid for sid, specs in specialists.items() if specialty is None or specialty in specs]
-        if not ids:
-            return msgspec.json.encode({"items": [], "next_cursor": None})
-        rows = (await self.session.execute(
-            select(Slot.id, Slot.specialist_id, Slot.starts_at, Slot.ends_at)
-            .where(Slot.specialist_id.in_(ids), Slot.starts_at >= max(start, now), Slot.starts_at < end, is_free(now))
-            .order_by(Slot.starts_at, Slot.id).limit(5000))).all()
-        items = [FeedSlotOut(id=r.id, specialist_id=r.specialist_id, specialties=specialists[r.specialist_id],
-                             starts_at=r.starts_at, ends_at=r.ends_at) for r in rows]
-        return msgspec.json.encode({"items": items, "next_cursor": None})
 
     # --- waitlist ------------------------------------------------------------------------------
 
@@ -369,6 +317,27 @@ class SchedulingService:
             live.append((people, "notice", notice))
         await streams.append_many(self.session, streams.staged_for(self.session), live)
         return len(matching)
+
+
+def refuse_unless_served(specialty: str, min_age: int | None, max_age: int | None, sex: str | None,
+                         birth_date: dt.date | None, patient_sex: str | None, starts_at: dt.datetime,
+                         clinic_timezone: str) -> None:
+    """A direction's rule (an age range on the day of the visit, a sex) against the patient's card."""
+    title = TITLES[Specialty(specialty)]
+    if min_age is not None or max_age is not None:
+        if birth_date is None:
+            raise Invalid(f"{title} serves patients by age: the patient's birth date is needed",
+                          "birth_date_required")
+        age = age_on(birth_date, starts_at.astimezone(_zone(clinic_timezone)).date())
+        if min_age is not None and age < min_age:
+            raise Invalid(f"{title} serves patients aged {min_age} and over", "patient_too_young", min_age=min_age)
+        if max_age is not None and age > max_age:
+            raise Invalid(f"{title} serves patients aged up to {max_age}", "patient_too_old", max_age=max_age)
+    if sex is not None:
+        if patient_sex is None:
+            raise Invalid(f"{title} serves {sex} patients: the patient's sex is needed", "sex_required")
+        if patient_sex != sex:
+            raise Invalid(f"{title} serves {sex} patients only", "patient_sex_not_served", sex=sex)
 
 
 def _zone(name: str) -> ZoneInfo:

@@ -1,20 +1,23 @@
-"""Pushes through FCM: firebase-admin's real send path, a real OAuth exchange, against the loopback stand-in."""
+"""Pushes through FCM: firebase-admin's real send path, a real OAuth exchange, against the loopback stand-in,
+both plain HTTP/1.1 and as Google serves it (HTTP/2 over TLS, its certificate trusted through FCM_CA_FILE)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import firebase_admin
+import msgspec
 import pytest
 from firebase_admin import messaging
 
-from app.notifications.fcm import FcmPush
+from app.notifications.fcm import FcmHttpClient, FcmPush
 from app.notifications.push import TITLES, LogPush, Outcome, PushMessage, PushTarget, push_sender, token_hash
 from app.settings import Settings
+from tests.standins.fcm import FcmStandin
 from tests.standins.fixtures import FcmFixture
 
 
@@ -28,6 +31,17 @@ def new_message(ref: str = "m1") -> PushMessage:
 
 def call(ref: str = "c1", ttl: int | None = None) -> PushMessage:
     return PushMessage(type="call.incoming", ref=ref, collapse_key=f"call:{ref}", urgent=True, ttl_seconds=ttl)
+
+
+@pytest.fixture(params=["http1", "h2-tls"])
+def fcm_standin(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FcmFixture]:
+    """Every test here against both stand-ins: plain HTTP/1.1, and HTTP/2 over TLS as FCM speaks."""
+    standin = FcmFixture(tmp_path, tls=request.param == "h2-tls")
+    standin.start()
+    try:
+        yield standin
+    finally:
+        standin.stop()
 
 
 @pytest.fixture
@@ -57,6 +71,91 @@ async def test_a_push_reaches_fcm_after_a_real_token_exchange(fcm: FcmPush, fcm_
     first = fcm_standin.requests[0]
     assert first.path == f"/v1/projects/{fcm_standin.project_id}/messages:send"
     assert first.headers["authorization"].startswith("Bearer ya29.")
+    assert first.headers["x-firebase-client"].startswith("fire-admin-python/")
+    assert first.http_version == ("2" if fcm_standin.tls else "1.1")
+
+
+async def test_over_tls_every_push_is_a_stream_of_one_http2_connection(tmp_path: Path) -> None:
+    standin = FcmFixture(tmp_path, tls=True).start()
+    sender = FcmPush(standin.settings(Settings(data_dir=str(tmp_path), fcm_timeout_seconds=60)))
+    try:
+        pushes = [(new_message(f"m{i}"), target(f"tok-{i}")) for i in range(300)]
+        assert await sender.send(pushes) == [Outcome.SENT] * 300
+        assert await sender.send(pushes[:10]) == [Outcome.SENT] * 10
+    finally:
+        await sender.aclose()
+        standin.stop()
+    assert {r.http_version for r in standin.requests} == {"2"}
+    assert standin.h2_connections == 1
+    assert len(standin.token_requests) == 1
+
+
+async def test_no_more_streams_at_once_than_the_server_allows(tmp_path: Path) -> None:
+    # past its SETTINGS_MAX_CONCURRENT_STREAMS the stand-in, as h2 does, ends the connection: every push would fail
+    standin = FcmStandin(tls=True, directory=tmp_path, max_streams=5).start()
+    credentials = tmp_path / "sa.json"
+    sender = FcmPush(standin.settings(Settings(data_dir=str(tmp_path), fcm_timeout_seconds=60), credentials))
+    try:
+        pushes = [(new_message(f"m{i}"), target(f"tok-{i}")) for i in range(60)]
+        assert await sender.send(pushes) == [Outcome.SENT] * 60
+    finally:
+        await sender.aclose()
+        standin.stop()
+    assert standin.h2_connections == 1
+
+
+async def test_a_lost_connection_is_a_retry_for_its_pushes_and_the_next_send_connects_again(
+        tmp_path: Path) -> None:
+    standin = FcmFixture(tmp_path, tls=True).start()
+    sender = FcmPush(standin.settings(Settings(data_dir=str(tmp_path))))
+    try:
+        assert await sender.send([(new_message(), target("tok-1"))]) == [Outcome.SENT]
+        hold = standin.hold_sends()
+        sending = asyncio.create_task(sender.send([(new_message(f"m{i}"), target(f"held-{i}")) for i in range(3)]))
+        await asyncio.to_thread(hold.wait_arrived, 3)
+        standin.drop_connections()
+        assert await sending == [Outcome.RETRY] * 3  # their answers are lost: FCM may have delivered them
+        standin.stop_holding()
+        assert await sender.send([(new_message("m9"), target("tok-9"))]) == [Outcome.SENT]
+    finally:
+        await sender.aclose()
+        standin.stop()
+    assert standin.h2_connections == 2
+
+
+async def test_without_fcm_ca_file_an_unknown_authority_is_refused(tmp_path: Path) -> None:
+    standin = FcmFixture(tmp_path, tls=True).start()
+    settings = standin.settings(Settings(data_dir=str(tmp_path)))
+    assert settings.fcm_ca_file == str(standin.ca_file)
+    untrusting = FcmPush(msgspec.structs.replace(settings, fcm_ca_file=None))
+    try:
+        assert await untrusting.send([(new_message(), target("tok"))]) == [Outcome.RETRY]  # the token exchange
+        assert standin.token_requests == []
+        # a token got elsewhere: the send itself refuses the stand-in's certificate too
+        trusting = FcmPush(settings)
+        try:
+            assert await trusting.send([(new_message(), target("tok"))]) == [Outcome.SENT]
+            untrusting._credential.token = trusting._credential.token
+            untrusting._credential.expiry = trusting._credential.expiry
+            assert await untrusting.send([(new_message("m2"), target("tok-2"))]) == [Outcome.RETRY]
+        finally:
+            await trusting.aclose()
+    finally:
+        await untrusting.aclose()
+        standin.stop()
+    assert [r.token for r in standin.requests] == ["tok"]
+
+
+async def test_a_refused_access_token_is_a_retry_and_the_next_send_exchanges_again(
+        fcm: FcmPush, fcm_standin: FcmFixture) -> None:
+    assert await fcm.send([(new_message(), target("tok-1"))]) == [Outcome.SENT]
+    fcm_standin.revoke_access_tokens()
+
+    assert await fcm.send([(new_message("m2"), target("tok-2"))]) == [Outcome.RETRY]
+    assert await fcm.send([(new_message("m3"), target("tok-3"))]) == [Outcome.SENT]
+
+    assert len(fcm_standin.token_requests) == 2
+    assert [r.token for r in fcm_standin.requests] == ["tok-1", "tok-3"]
 
 
 async def test_a_message_push_is_a_neutral_notification_with_ids_only(
@@ -158,9 +257,10 @@ def test_the_private_seam_of_firebase_admin_is_where_it_was(settings: Settings, 
         service = messaging._get_messaging_service(sender.app)
         assert isinstance(service, messaging._MessagingService)
         assert service._fcm_url == f"{fcm_standin.url}/v1/projects/{fcm_standin.project_id}/messages:send"
-        assert service._async_client is sender._service._async_client
-        assert service._async_client._retry_config.retries_left == 0
+        assert isinstance(service._async_client, FcmHttpClient)
+        assert service._async_client is sender.client
         assert service._credential is sender._credential
+        assert isinstance(service._fcm_headers, dict)
     finally:
         asyncio.run(sender.aclose())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import uuid
 from typing import Any
 
@@ -69,5 +70,18 @@ async def test_a_read_slower_than_its_timeout_is_unavailable(test_settings: Sett
         with pytest.raises(Unavailable):
             await db.reads.all(select(func.pg_sleep(bindparam("s"))), s=2)
         assert await db.reads.one(select(func.now())) is not None  # the pool goes on
+    finally:
+        await db.dispose()
+
+
+async def test_a_database_that_cannot_be_reached_is_unavailable(test_settings: Settings) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    db = Database(msgspec.structs.replace(test_settings, database_url=f"postgresql+asyncpg://u:p@127.0.0.1:{port}/x"))
+    try:
+        with pytest.raises(Unavailable) as refused:
+            await db.reads.all(BY_ID, uid=uuid.UUID(int=1))
+        assert refused.value.extra["reason"] == "database_unavailable"
     finally:
         await db.dispose()

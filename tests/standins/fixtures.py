@@ -21,8 +21,8 @@ from tests.standins.fcm import FcmStandin
 class FcmFixture(FcmStandin):
     """An FCM stand-in that knows where to write its service-account file."""
 
-    def __init__(self, directory: Path) -> None:
-        super().__init__()
+    def __init__(self, directory: Path, tls: bool = False) -> None:
+        super().__init__(tls=tls, directory=directory)
         self.credentials_path = directory / "fcm-service-account.json"
 
     def settings(self, base: Settings, credentials_path: Path | None = None, **extra: Any) -> Settings:
