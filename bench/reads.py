@@ -730,11 +730,8 @@ async def run_profile(profile: str, args: argparse.Namespace, generators: Genera
             if postgres_url is not None and db_name is not None:
                 with contextlib.suppress(OSError, asyncpg.PostgresError):
                     await drop_database(postgres_url, db_name)
-        try:
-            conditions: dict[str, Any] = probe.finish()
-            conditions_line = describe(conditions)
-        except NotImplementedError:
-            conditions, conditions_line = {}, ""
+        conditions: dict[str, Any] = probe.finish()
+        conditions_line = describe(conditions)
         return {"profile": profile, "world": world.made, "routes": rows, "scaling": scaled,
                 "conditions": conditions, "conditions_line": conditions_line,
                 "load_average": os.getloadavg(), "total_s": round(time.monotonic() - started, 1),
