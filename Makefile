@@ -7,7 +7,7 @@ UV := $(BIN)/uv
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint bench install install-test services-packages clean
+.PHONY: run test lint bench fuzz install install-test services-packages clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ lint: install-test
 test: install-test services-packages lint
 	$(BIN)/python -m tests.harness $(BIN)/python -m pytest -q -p no:cacheprovider
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The long fuzz: 50 generated requests per operation, mode and role, on both profiles (make test runs 2).
+fuzz: install-test services-packages
+	FUZZ_EXAMPLES=50 $(BIN)/python -m tests.harness $(BIN)/python -m pytest -q -p no:cacheprovider tests/fuzz
+	FUZZ_EXAMPLES=50 $(BIN)/python -m pytest -q -p no:cacheprovider tests/fuzz
 
 bench: install-test services-packages
 	$(BIN)/python -m tests.harness $(BIN)/python -m bench.accounts

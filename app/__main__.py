@@ -1,4 +1,4 @@
-"""Command line: `python -m app run | serve | worker | sfu | migrate | create-admin --phone ... [--full-name ...]`."""
+"""Command line: `python -m app run | serve | worker | sfu | migrate | demo-data | create-admin --phone ...`."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def outbox_worker(settings: Settings) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m app")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="migrate, load demo data if DEMO_DATA is set, serve")
@@ -94,17 +94,22 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("migrate", help="apply database migrations")
     commands.add_parser("worker", help="send the outbox's pushes and reminders (PostgreSQL; Redis for presence)")
     commands.add_parser("sfu", help="run an SFU node: SFU_LISTEN, SFU_PUBLIC_URL, SFU_SECRET, REDIS_URL (registry)")
+    commands.add_parser("demo-data", help="migrate, then load the demo clinic (once: a loaded clinic is left as it is)")
     admin = commands.add_parser("create-admin", help="make (or promote) an admin account")
-    admin.add_argument("--phone", required=True)
-    admin.add_argument("--full-name")
-    args = parser.parse_args(argv)
+    admin.add_argument("--phone", required=True, help="the admin's phone, as they sign in with it (+7...)")
+    admin.add_argument("--full-name", help="the name shown to staff")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     settings = settings_from_env()
     if args.command == "create-admin":
         upgrade(settings.resolved_database_url)
         return create_admin(settings, args.phone, args.full_name)
-    if args.command in ("migrate", "run"):
+    if args.command in ("migrate", "run", "demo-data"):
         upgrade(settings.resolved_database_url)
-    if args.command == "run" and settings.demo_data:
+    if args.command == "demo-data" or (args.command == "run" and settings.demo_data):
         demo(settings)
     if args.command in ("run", "serve"):
         serve(settings)

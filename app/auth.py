@@ -18,6 +18,7 @@ from litestar.middleware import AbstractAuthenticationMiddleware, Authentication
 from litestar.types import Scopes
 from redis.asyncio import Redis
 
+from app.access import check_roles
 from app.errors import NotAuthenticated
 
 TICKETS_KEPT = 100_000  # tickets in flight in one process at most (the embedded store); each lives seconds
@@ -73,7 +74,8 @@ class RedisTickets:
 
 
 class TokenAuthMiddleware(AbstractAuthenticationMiddleware):
-    """Routes marked opt={"exclude_from_auth": True} (and the service paths) skip it; all others need a token."""
+    """Routes marked opt={"exclude_from_auth": True} (and the service paths) skip it; all others need a token, and
+    a route marked opt=only_roles(...) a token with one of those roles."""
 
     def __init__(self, app: Any, exclude: list[str], scopes: Scopes | None = None) -> None:
         super().__init__(app, exclude=exclude, scopes=scopes)
@@ -86,6 +88,7 @@ class TokenAuthMiddleware(AbstractAuthenticationMiddleware):
         if scheme.lower() != "bearer" or not token:
             raise NotAuthenticated("authentication required", "token_missing")
         viewer = connection.app.state.tokens.viewer_from(token.strip())
+        check_roles(viewer, connection.route_handler.opt)
         return AuthenticationResult(user=viewer, auth=token)
 
 

@@ -88,6 +88,12 @@ def _types(match: re.Match[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
+def _refused_text(exc: BaseException) -> bool:
+    """PostgreSQL's 22021 (character_not_in_repertoire: a NUL in text), raised by asyncpg or wrapped by SQLAlchemy."""
+    return "22021" in (getattr(exc, "sqlstate", None), getattr(getattr(exc, "orig", None), "sqlstate", None),
+                       getattr(getattr(getattr(exc, "orig", None), "__cause__", None), "sqlstate", None))
+
+
 def plain(message: str) -> str:
     """msgspec's terse "Expected `int` <= 100" as words a client developer reads ("expected an integer of at
     most 100")."""
@@ -140,6 +146,8 @@ def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[
         detail = FRAMEWORK_DETAILS.get(code, detail)
         if code < 500:
             extra.setdefault("reason", FRAMEWORK_REASONS.get(code, "refused"))
+    elif _refused_text(exc):  # a character the database cannot store, in a field no schema pattern covers
+        code, detail, extra = 422, "the text holds a character that cannot be stored (NUL)", {"reason": "text_invalid"}
     elif isinstance(exc, IntegrityError):  # a race the service did not foresee: the row changed meanwhile
         code, detail, extra = 409, "conflicting change, try again", {"reason": "conflict"}
     elif isinstance(exc, OperationalError) and "locked" in str(exc.orig):  # SQLite: another writer held on

@@ -41,6 +41,7 @@ from app.documents.storage import STORE_ERRORS, object_store
 from app.documents.upload_controllers import upload_routes
 from app.documents.uploads import keep_pending_clean
 from app.errors import DomainError, error_response
+from app.fhir.controllers import fhir_router
 from app.health import HealthController
 from app.limits import InProcessLimiter, RedisLimiter
 from app.notifications.controllers import OutboxController
@@ -71,6 +72,7 @@ from app.services import calls_for
 from app.settings import Settings, settings_from_env
 from app.tasks import cancel_until_done
 from app.timeparams import set_answer_zone
+from app.tracing import tracing_of
 
 log = logging.getLogger("app")
 SERVICE_PATHS = ["^/health", "^/metrics", "^/schema"]
@@ -117,6 +119,7 @@ def create_app(settings: Settings) -> Litestar:
     database = Database(settings)
     tokens = TokenIssuer(settings)  # fails fast on malformed JWT_KEYS
     trusted_networks(settings.trusted_proxies)  # and on a malformed TRUSTED_PROXIES
+    tracing = tracing_of(settings)
 
     @asynccontextmanager
     async def backing_services(app: Litestar) -> AsyncIterator[None]:
@@ -225,8 +228,11 @@ def create_app(settings: Settings) -> Litestar:
             await bounded("database", database.dispose())
             if redis is not None:
                 await bounded("redis", redis.aclose())
+            if tracing is not None:  # the exporter flushes with blocking I/O
+                await bounded("tracing", asyncio.to_thread(tracing.close))
 
     return Litestar(
+        plugins=[tracing.plugin] if tracing else [],  # a span around each request, outermost
         route_handlers=[HealthController, metrics, AuthController, MeController, StaffController,
                         PatientController, DeviceController, CatalogueController, ConsultationController,
                         CareController, PaymentController, ChatController, AuditController, DocumentController,
@@ -235,6 +241,7 @@ def create_app(settings: Settings) -> Litestar:
                         *PAGE_ROUTES,  # the browser call client (public: it holds no data)
                         *upload_routes(settings),
                         list_documents,  # after the uploads' controller on its path (one OPTIONS handler)
+                        fhir_router,  # the FHIR R4 read API (app/fhir)
                         assets_router()],
         dependencies={"db_session": Provide(provide_db_session)},
         lifespan=[backing_services],

@@ -132,6 +132,11 @@ REQUESTS = Counter("clinic_requests_total", "HTTP requests answered", ["method",
 LATENCY = Histogram("clinic_request_duration_seconds", "Time to answer an HTTP request", ["method", "path"],
                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
 OPEN_WEBSOCKETS = Gauge("clinic_open_websockets", "WebSocket connections open on this process")
+SOCKET_EVENTS = Counter("clinic_websocket_events_sent_total", "Events written to WebSockets on this process")
+SOCKET_RESUMES = Counter("clinic_websocket_resumes_total", "Resumes asked for on WebSockets (replays from an event id)")
+SOCKETS_CLOSED = Counter("clinic_websockets_closed_by_server_total",
+                         "WebSockets this process closed: too slow to keep up, silent past the heartbeat, replaced or "
+                         "signed out (kicked), or a frame too big", ["reason"])
 
 
 class _Series:
@@ -194,14 +199,15 @@ async def serve_metrics(address: str, token: str | None) -> asyncio.Server:
 
 
 def request_id_middleware(log_requests: bool) -> Any:
-    """Per request: an id (kept from X-Request-ID when sane), metrics by route template, one access log line."""
+    """Per request: an id (kept from X-Request-ID when sane), metrics by route template, one access log line
+    (method, path, status, time, the caller's user id)."""
 
     def factory(app: ASGIApp) -> ASGIApp:
         async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] != ScopeType.HTTP:
                 await app(scope, receive, send)
                 return
-            given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+            given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode("latin-1")
             rid = given if _SANE_ID.fullmatch(given) else uuid.uuid4().hex
             token = request_id_var.set(rid)
             started, status = time.perf_counter(), 0
@@ -223,9 +229,11 @@ def request_id_middleware(log_requests: bool) -> Any:
                 template = scope.get("path_template") or "unmatched"  # bounded label values
                 method = str(scope.get("method", ""))
                 SERIES.observe(method, template, status, elapsed)
-                if log_requests:
+                if log_requests:  # the user by id only (the auth middleware has put the caller in the scope)
+                    user_id = getattr(scope.get("user"), "id", None)
                     access_log.info("request", extra={"method": method, "path": scope["path"],
-                                                      "status": status, "ms": round(elapsed * 1000, 2)})
+                                                      "status": status, "ms": round(elapsed * 1000, 2),
+                                                      "user_id": str(user_id) if user_id else None})
                 request_id_var.reset(token)
 
         return middleware

@@ -15,7 +15,7 @@ from typing import Any
 from litestar import Litestar, Router
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
-from litestar.openapi.spec import OpenAPI, Operation, Reference, Schema
+from litestar.openapi.spec import OpenAPI, OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Reference, Schema
 from litestar.static_files import create_static_files_router
 from swagger_ui_bundle import swagger_ui_path
 
@@ -130,8 +130,37 @@ def first_allowed(schema: Schema | Reference | None) -> Any:
     return None
 
 
+# every refusal the error handler (app/errors.py) can give, with API.md's body; FHIR answers an OperationOutcome
+REFUSALS = {"401": "Not signed in, or the access was revoked.", "403": "The caller's role may not do this.",
+            "404": "Absent, or not the caller's to see.", "409": "The resource is not in a state that allows this.",
+            "413": "The body or file is too large.", "415": "The file's type is not accepted.",
+            "422": "The input breaks a rule; `extra.reason` says which.", "429": "Too many requests: see Retry-After.",
+            "503": "A service the API needs is down for now: see Retry-After."}
+ERROR_BODY = Schema(type=OpenAPIType.OBJECT, required=["status_code", "detail", "extra"], properties={
+    "status_code": Schema(type=OpenAPIType.INTEGER), "detail": Schema(type=OpenAPIType.STRING),
+    "extra": Schema(type=OpenAPIType.OBJECT, additional_properties=True)})
+FHIR_OUTCOME = Schema(type=OpenAPIType.OBJECT, required=["resourceType"], additional_properties=True)
+
+
+def document_refusals(openapi: OpenAPI) -> None:
+    for path, path_item in (openapi.paths or {}).items():
+        fhir = path.startswith("/fhir/")
+        media = OpenAPIMediaType(schema=FHIR_OUTCOME if fhir else ERROR_BODY)
+        for method in ("get", "put", "post", "delete", "patch"):
+            operation = getattr(path_item, method, None)
+            if not isinstance(operation, Operation):
+                continue
+            responses = operation.responses if operation.responses is not None else {}
+            for code, description in REFUSALS.items():
+                responses.setdefault(code, OpenAPIResponse(
+                    description=description,
+                    content={"application/fhir+json" if fhir else "application/json": media}))
+            operation.responses = responses
+
+
 def on_startup(app: Litestar) -> None:
     """Build the document once, then explain its parameters (the document is cached: pages serve this one)."""
+    document_refusals(app.openapi_schema)
     if unknown := document_parameters(app.openapi_schema):
         log.warning("parameters without a description or example: %s (explain them in app/openapi.py)",
                     ", ".join(sorted(set(unknown))), extra={"parameters": sorted(set(unknown))})

@@ -13,6 +13,12 @@ from app.timeparams import answer_zone
 T = TypeVar("T")
 
 
+# Free text a person writes: anything but NUL, which PostgreSQL cannot store (it would fail the write, and a chat
+# send group with it); printable ASCII for the tokens push services issue.
+TEXT = r"^[^\x00]*$"
+PUSH_TOKEN_CHARS = r"^[\x21-\x7e]+$"  # noqa: S105 (a pattern, not a secret)
+
+
 class Wire(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """What clients send: unknown fields are refused, so a typo is a 422, not a silent no-op."""
 
@@ -22,12 +28,14 @@ class Out(msgspec.Struct, kw_only=True):
     sets its zone once (app/timeparams.py) and every answer built within it converts its own datetime fields."""
 
     def __post_init__(self) -> None:
-        tz = answer_zone()
-        if tz is None:
-            return
         names = _TIME_FIELDS.get(type(self))
         if names is None:
             names = _TIME_FIELDS[type(self)] = time_fields(type(self))
+        if not names:  # most answers' parts (a patient's brief card, a page) hold no time
+            return
+        tz = answer_zone()
+        if tz is None:
+            return
         for name in names:
             value = getattr(self, name)
             if value is not None:

@@ -127,6 +127,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # binds in ("40000-40999", what the firewall opens; empty: ephemeral ports). One port per participant.
     rtc_host_addresses: str = ""
     rtc_udp_ports: str = ""
+    # each media socket's UDP receive buffer (SO_RCVBUF), so a keyframe's burst of packets is not dropped before the
+    # SFU reads it; the kernel caps it at net.core.rmem_max (raise that to match); 0: the system's default
+    rtc_udp_rcvbuf_bytes: int = 4 * 1024 * 1024
     # video codecs a room may use, by preference: the first one the first participant offers becomes the room's,
     # and both legs are forced to it (the SFU forwards, it cannot convert). VP8 first: every WebRTC client has it
     rtc_video_codecs: str = "VP8,H264"
@@ -197,6 +200,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # (404), only on METRICS_ADDRESS ("127.0.0.1:9100"), a listener of its own when that is set
     metrics_token: str | None = None
     metrics_address: str | None = None
+    # OpenTelemetry tracing, off unless set: spans go over OTLP/HTTP to <endpoint>/v1/traces (app/tracing.py)
+    otel_exporter_otlp_endpoint: str | None = None
+    otel_service_name: str = "clinic-api"
     demo_data: bool = False  # load the demo clinic on first start (make run sets it)
     db_pool_size: int = 40  # PostgreSQL connections kept per process (a quarter more may open at peaks)
     # PostgreSQL connections of the hot reads (app/reads.py), beside DB_POOL_SIZE; a read holds one for a

@@ -121,7 +121,6 @@ async def set_answer_zone(request: Request[Any, Any, Any]) -> None:
     settings = request.app.state.settings
     user = request.scope.get("user")
     name = user.timezone if isinstance(user, Viewer) and user.timezone else settings.clinic_timezone
-    override = request.query_params.get("tz")
-    if override and "tz" in request.route_handler.parsed_fn_signature.parameters:  # empty: not given
-        name = override
+    if "tz" in request.route_handler.parsed_fn_signature.parameters:  # the query is parsed only where it counts
+        name = request.query_params.get("tz") or name  # empty: not given
     _answer_zone.set(zone(name))

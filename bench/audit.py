@@ -78,6 +78,7 @@ from bench.common import (
     tree_cpu_seconds,
     wait_ready,
 )
+from bench.conditions import Conditions, describe
 
 MESSAGES = 50
 MAX_LOSS_PCT = 10.0
@@ -321,6 +322,7 @@ def print_table(result: dict[str, Any]) -> None:
           f"read and setting (raw client, {cfg['loop']} loop), {cfg['cores']} cores; setup {result['setup_s']} s"
           + (f"; server env {cfg['server_env']}" if cfg["server_env"] else "")
           + ("\nCONTROL RUN: both servers with the audit off (the comparison's noise floor)" if cfg["control"] else ""))
+    print(describe(result.get("conditions", {})))
     for i, row in enumerate(rows):
         print("  ".join(cell.ljust(widths[j]) for j, cell in enumerate(row)))
         if i == 1:
@@ -354,9 +356,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    conditions = Conditions.start()
     result = run_benchmark(lambda tmp, loop: run(args, tmp, loop))
     if result is None:
         return 2
+    result["conditions"] = conditions.finish()
     print_table(result)
     print(msgspec.json.encode(result).decode(), flush=True)
     failed = [name for name, ok in result["checks"].items() if not ok]

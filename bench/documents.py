@@ -5,13 +5,15 @@ the presigned path (which must move no file bytes through the app).
 
 One server process (`python -m app serve`, real profile: PostgreSQL, Redis, SeaweedFS from the harness). For each
 size (MB): the median of `--repeat` direct uploads (POST /api/v1/documents/upload, a multipart form streamed
-from memory by httpx) and of `--repeat` boto3 `upload_fileobj` calls of the same bytes (its default transfer
+from memory by httpx) and of as many boto3 `upload_fileobj` calls of the same bytes (its default transfer
 config: 8 MiB parts, 10 threads), in MB/s, their ratio (goal >= 0.8), and the server's peak RSS above what it
 held before each upload (goal: flat, < 64 MiB at 100 MB). Then the presigned path for the largest size: create,
 PUT to the presigned URL, complete, with the bytes the server process read meanwhile (/proc/<pid>/io rchar:
 sockets and files; the goal is nothing near the file's size). The files are JPEGs (real magic bytes, random
-data): the direct path's PDF scan is a separate cost, measured once more as a PDF of the largest size. A table,
-then one JSON line.
+data): the direct path's PDF scan is a separate cost, measured once more as a PDF of the largest size. A small
+size is uploaded more than `--repeat` times, enough to move MIN_MB_PER_SIZE each way: a 1 MB upload lasts tens
+of milliseconds, where the shared machine's passing load weighs as much as the difference measured. The
+conditions line (bench/conditions.py) heads the table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -51,9 +53,13 @@ from bench.common import (
     tail,
     wait_ready,
 )
+from bench.conditions import Conditions, describe
 
 MB = 1000 * 1000
 MiB = 1024 * 1024
+# a size's uploads move at least this much each way: one 1 MB upload lasts some 30-50 ms, where a passing load on
+# the shared machine weighs as much as the difference measured, so small sizes are repeated more (median)
+MIN_MB_PER_SIZE = 30
 BOUNDARY = "bench-documents-boundary"
 
 
@@ -151,6 +157,11 @@ async def presigned_path(http: httpx.AsyncClient, token: str, patient_id: str, d
             "server_read_create_put_complete_bytes": read3 - read0}
 
 
+def repeats(size_mb: int, repeat: int) -> int:
+    """Uploads of each path for a size: `--repeat`, or more for a small size (MIN_MB_PER_SIZE)."""
+    return max(repeat, -(-MIN_MB_PER_SIZE // size_mb))
+
+
 async def run(args: argparse.Namespace, tmp: Path, loop_name: str) -> dict[str, Any]:
     postgres_url = os.environ["TEST_POSTGRES_URL"]
     db_name, db_url = await create_database(postgres_url)
@@ -175,12 +186,13 @@ async def run(args: argparse.Namespace, tmp: Path, loop_name: str) -> dict[str, 
             for size_mb in args.sizes:
                 data = jpeg_payload(size_mb * MB)
                 api, raw = [], []
-                for _ in range(args.repeat):  # interleaved, so a passing load on the machine hits both alike
+                # interleaved, so a passing load on the machine hits both alike
+                for _ in range(repeats(size_mb, args.repeat)):
                     api.append(await direct_upload(http, token, patient_id, data, proc.pid))
                     raw.append(await asyncio.to_thread(boto3_upload, s3, bucket, data))
                 api_s = statistics.median(r["seconds"] for r in api)
                 raw_s = statistics.median(raw)
-                rows.append({"size_mb": size_mb, "api_mb_per_s": round(size_mb / api_s, 1),
+                rows.append({"size_mb": size_mb, "uploads": len(api), "api_mb_per_s": round(size_mb / api_s, 1),
                              "boto3_mb_per_s": round(size_mb / raw_s, 1), "ratio": round(raw_s / api_s, 2),
                              "server_peak_rss_above_before_mib": round(max(r["rss_growth_mib"] for r in api), 1)})
                 del data
@@ -206,11 +218,13 @@ async def run(args: argparse.Namespace, tmp: Path, loop_name: str) -> dict[str, 
 
 def print_table(result: dict[str, Any]) -> None:
     print(f"\nclinic documents benchmark: 1 server worker, SeaweedFS on loopback, {result['config']['cores']} cores, "
-          f"median of {result['config']['repeat']}")
-    print(f"{'size':>6}  {'API MB/s':>9}  {'boto3 MB/s':>10}  {'ratio':>6}  {'server peak RSS +MiB':>21}")
+          f"median of {result['config']['repeat']} (at least {MIN_MB_PER_SIZE} MB moved per size and path)")
+    print(describe(result.get("conditions", {})))
+    print(f"{'size':>6}  {'uploads':>7}  {'API MB/s':>9}  {'boto3 MB/s':>10}  {'ratio':>6}  "
+          f"{'server peak RSS +MiB':>21}")
     for r in result["direct"]:
-        print(f"{r['size_mb']:>4}MB  {r['api_mb_per_s']:>9}  {r['boto3_mb_per_s']:>10}  {r['ratio']:>6}  "
-              f"{r['server_peak_rss_above_before_mib']:>21}")
+        print(f"{r['size_mb']:>4}MB  {r['uploads']:>7}  {r['api_mb_per_s']:>9}  {r['boto3_mb_per_s']:>10}  "
+              f"{r['ratio']:>6}  {r['server_peak_rss_above_before_mib']:>21}")
     p, d = result["presigned"], result["direct_pdf"]
     print(f"direct PDF {d['size_mb']} MB (scanned on the way): {d['mb_per_s']} MB/s, "
           f"server peak RSS +{d['server_peak_rss_above_before_mib']} MiB")
@@ -235,9 +249,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    conditions = Conditions.start()
     result = run_benchmark(lambda tmp, loop: run(args, tmp, loop))
     if result is None:
         return 2
+    result["conditions"] = conditions.finish()
     print_table(result)
     print(msgspec.json.encode(result).decode(), flush=True)
     return 0

@@ -52,6 +52,7 @@ from bench.common import (
     stop_server,
     tail,
 )
+from bench.conditions import Conditions, describe
 from tests.standins.fcm import Answer, FcmStandin, Hold, Recorded
 
 PROJECT = "bench-project"
@@ -230,6 +231,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     postgres_url, redis_url = os.environ["TEST_POSTGRES_URL"], os.environ["TEST_REDIS_URL"]
     name, url = await create_database(postgres_url)
     dsn = pg_dsn(postgres_url, name)
+    conditions = Conditions.start()  # before the stand-in and the workers start: the machine alone
     standin_proc, where = await start_standin(tmp, args.fcm == "h2-tls")
     fcm = Standin(where["token_url"], where["ca_file"] or None)
     base_env = {**os.environ, "DATABASE_URL": url, "REDIS_URL": redis_url, "LOG_LEVEL": "WARNING", **dict(args.env)}
@@ -251,7 +253,9 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 env = {**base_env, "DATA_DIR": str(tmp / "log")}
             print(f"sender {sender} ({args.fcm if sender == 'fcm' else 'log file'}, {args.workers} worker"
                   f"{'s' if args.workers > 1 else ''}):", flush=True)
-            result[sender] = await measure(args, env, tmp / f"worker-{sender}.log", standin, database, dsn, users)
+            standin_pid = standin_proc.pid if sender == "fcm" else None
+            result[sender] = await measure(args, env, tmp / f"worker-{sender}.log", standin, standin_pid, database,
+                                           dsn, users)
     finally:
         stop_nudging()
         stop_server(standin_proc)
@@ -259,6 +263,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         await database.dispose()
         await redis.aclose()
         await drop_database(postgres_url, name)
+    result["conditions"] = conditions.finish()
     return result
 
 
@@ -267,25 +272,35 @@ def worker_cpu(workers: list[subprocess.Popen[bytes]]) -> float:
 
 
 async def measure(args: argparse.Namespace, env: dict[str, str], worker_log: Path, standin: Standin,
-                  database: Database, dsn: str, users: list[uuid.UUID]) -> dict[str, Any]:
+                  standin_pid: int | None, database: Database, dsn: str, users: list[uuid.UUID]) -> dict[str, Any]:
+    """Per rate and for the backlog: latency, the workers' CPU a push and the stand-in's (it shares the machine:
+    when worker and stand-in together need more than the cores left, the rate is not the worker's own)."""
     result: dict[str, Any] = {"rates": []}
+
+    def standin_cpu() -> float:
+        return proc_cpu_seconds(standin_pid) if standin_pid is not None else 0.0
+
+    def standin_text(ms: float) -> str:
+        return f", stand-in {ms:.2f} ms" if standin_pid is not None else ""
+
     workers: list[subprocess.Popen[bytes]] = []
     try:
         workers = [start_worker(env, worker_log) for _ in range(args.workers)]
         warm = await produce(database, users, 50, 2.0)  # the workers start, connect, get their FCM token
         await standin.wait_for(set(warm), 90)
         for rate in args.rates:
-            cpu = worker_cpu(workers)
+            cpu, standin_before = worker_cpu(workers), standin_cpu()
             committed = await produce(database, users, rate, args.seconds)
             await standin.wait_for(set(committed), 120)
             cpu_ms = (worker_cpu(workers) - cpu) * 1000 / len(committed)
+            standin_ms = (standin_cpu() - standin_before) * 1000 / len(committed)
             latencies = [standin.arrived[k] - t for k, t in committed.items()]
             summary = {"rate_per_s": rate, "events": len(committed), **latency_summary(latencies),
-                       "worker_cpu_ms_per_push": round(cpu_ms, 3)}
+                       "worker_cpu_ms_per_push": round(cpu_ms, 3), "standin_cpu_ms_per_push": round(standin_ms, 3)}
             result["rates"].append(summary)
             print(f"{rate:>5} events/s: commit -> push p50 {summary['p50_ms']} ms, p99 {summary['p99_ms']} ms, "
-                  f"max {summary['max_ms']} ms ({len(committed)} events; worker CPU {cpu_ms:.2f} ms a push)",
-                  flush=True)
+                  f"max {summary['max_ms']} ms ({len(committed)} events; CPU a push: worker {cpu_ms:.2f} ms"
+                  f"{standin_text(standin_ms)})", flush=True)
         for worker in workers:
             stop_server(worker)
         workers = []
@@ -293,21 +308,24 @@ async def measure(args: argparse.Namespace, env: dict[str, str], worker_log: Pat
         before = len(standin.arrived)
         workers = [start_worker(env, worker_log) for _ in range(args.workers)]
         deadline = time.monotonic() + 600
-        cpu = 0.0
+        cpu = standin_before = 0.0
         while len(standin.arrived) - before < args.backlog:
             if time.monotonic() > deadline or any(w.poll() is not None for w in workers):
                 raise RuntimeError(f"backlog not drained:\n{tail(worker_log)}")
             if len(standin.arrived) == before:
-                cpu = worker_cpu(workers)  # from the first arrival: not the workers' start
+                cpu, standin_before = worker_cpu(workers), standin_cpu()  # from the first arrival, not the start
             await standin.poll()
             await asyncio.sleep(0.2)
         cpu_ms = (worker_cpu(workers) - cpu) * 1000 / args.backlog
+        standin_ms = (standin_cpu() - standin_before) * 1000 / args.backlog
         times = sorted(list(standin.arrived.values())[before:])
         drained = round(args.backlog / max(times[-1] - times[0], 1e-6))
         result["backlog"] = {"rows": args.backlog, "rows_per_s": drained, "seconds": round(times[-1] - times[0], 2),
-                             "worker_cpu_ms_per_push": round(cpu_ms, 3)}
+                             "worker_cpu_ms_per_push": round(cpu_ms, 3),
+                             "standin_cpu_ms_per_push": round(standin_ms, 3)}
         print(f"backlog of {args.backlog}: {drained} rows/s on {args.workers} worker{'s' if args.workers > 1 else ''}"
-              f" ({times[-1] - times[0]:.1f} s; worker CPU {cpu_ms:.2f} ms a push)", flush=True)
+              f" ({times[-1] - times[0]:.1f} s; CPU a push: worker {cpu_ms:.2f} ms{standin_text(standin_ms)})",
+              flush=True)
     finally:
         for worker in workers:
             stop_server(worker)
@@ -344,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_benchmark(lambda tmp, _loop: run(args, tmp))
     if result is None:
         return 2
+    print(describe(result["conditions"]))
     print(json.dumps(result))
     return 0
 

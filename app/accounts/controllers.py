@@ -12,7 +12,7 @@ from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import params
-from app.access import ADMINS, PATIENTS, PUBLIC, STAFF_READERS, Viewer, require_roles, signed_in
+from app.access import ADMINS, PATIENTS, PUBLIC, STAFF_READERS, Viewer, only_roles
 from app.accounts import reads
 from app.accounts.models import Device, User
 from app.accounts.schemas import (
@@ -110,7 +110,7 @@ class AuthController(Controller):
                              data: JSONBody[RefreshIn]) -> TokenOut:
         return token_out(await accounts.refresh(data.refresh_token))
 
-    @post("/logout", status_code=204, guards=[signed_in])
+    @post("/logout", status_code=204)
     async def logout(self, request: Request[Viewer, Any, Any], accounts: NamedDependency[AccountService],
                      data: JSONBody[LogoutIn | None] = None) -> None:
         await accounts.logout(request.user, data.refresh_token if data else None)
@@ -121,21 +121,21 @@ class MeController(Controller):
     tags = ["accounts"]
     dependencies = {"accounts": Provide(provide_accounts)}
 
-    @get("/", guards=[signed_in])
+    @get("/")
     async def get_me(self, request: Request[Viewer, Any, Any]) -> MeOut:
         return await reads.me(request.app.state.database.reads, request.user)
 
-    @patch("/", guards=[signed_in])
+    @patch("/")
     async def update_me(self, request: Request[Viewer, Any, Any], accounts: NamedDependency[AccountService],
                         data: JSONBody[MePatch]) -> MeOut:
         return me_out(await accounts.update_me(request.user, data))
 
-    @post("/dependents", status_code=201, guards=[require_roles(*PATIENTS)])
+    @post("/dependents", status_code=201, opt=only_roles(*PATIENTS))
     async def add_dependent(self, request: Request[Viewer, Any, Any], accounts: NamedDependency[AccountService],
                             data: JSONBody[DependentIn]) -> DependentOut:
         return dependent_out(await accounts.add_dependent(request.user, data))
 
-    @get("/dependents", guards=[require_roles(*PATIENTS)])
+    @get("/dependents", opt=only_roles(*PATIENTS))
     async def list_dependents(self, request: Request[Viewer, Any, Any]) -> Page[DependentOut]:
         return Page(items=await reads.dependents(request.app.state.database.reads, request.user))
 
@@ -145,17 +145,17 @@ class StaffController(Controller):
     tags = ["accounts"]
     dependencies = {"accounts": Provide(provide_accounts)}
 
-    @post("/", status_code=201, guards=[require_roles(*ADMINS)])
+    @post("/", status_code=201, opt=only_roles(*ADMINS))
     async def create_staff(self, accounts: NamedDependency[AccountService], data: JSONBody[StaffIn]) -> UserOut:
         return user_out(await accounts.create_staff(data))
 
-    @get("/", guards=[require_roles(*STAFF_READERS)])
+    @get("/", opt=only_roles(*STAFF_READERS))
     async def list_staff(self, accounts: NamedDependency[AccountService], limit: FromQuery[Limit] = 50,
                          cursor: params.Cursor = None) -> Page[UserOut]:
         rows, last = await accounts.list_staff(limit, parse_cursor(cursor))
         return Page(items=[user_out(u) for u in rows], next_cursor=str(last) if last else None)
 
-    @patch("/{staff_id:uuid}", guards=[require_roles(*ADMINS)])
+    @patch("/{staff_id:uuid}", opt=only_roles(*ADMINS))
     async def update_staff(self, request: Request[Viewer, Any, Any], accounts: NamedDependency[AccountService],
                            staff_id: FromPath[UUID], data: JSONBody[StaffPatch]) -> UserOut:
         return user_out(await accounts.update_staff(request.user, staff_id, data))
@@ -172,7 +172,7 @@ class PatientController(Controller):
     # the card's reader is the consultations service: whether a clinician may read it is a matter of care
     dependencies = {"consultations": Provide(provide_consultations)}
 
-    @get("/{patient_id:uuid}", guards=[signed_in])
+    @get("/{patient_id:uuid}")
     async def get_patient(self, request: Request[Viewer, Any, Any], patient_id: FromPath[UUID]) -> PatientCardOut:
         state = request.app.state
         return await card.patient_card(state.database.reads, request.user, patient_id,
@@ -184,12 +184,12 @@ class DeviceController(Controller):
     tags = ["accounts"]
     dependencies = {"accounts": Provide(provide_accounts)}
 
-    @post("/", status_code=201, guards=[signed_in])
+    @post("/", status_code=201)
     async def register_device(self, request: Request[Viewer, Any, Any],
                               accounts: NamedDependency[AccountService], data: JSONBody[DeviceIn]) -> DeviceOut:
         return device_out(await accounts.register_device(request.user, data))
 
-    @delete("/{device_id:uuid}", status_code=204, guards=[signed_in])
+    @delete("/{device_id:uuid}", status_code=204)
     async def remove_device(self, request: Request[Viewer, Any, Any], accounts: NamedDependency[AccountService],
                             device_id: FromPath[UUID]) -> None:
         await accounts.remove_device(request.user, device_id)

@@ -11,7 +11,7 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from app.access import Role
-from app.schemas import Out, Wire
+from app.schemas import PUSH_TOKEN_CHARS, TEXT, Out, Wire
 from app.specialties import Specialty
 
 PhoneText = Annotated[str, Meta(min_length=1, max_length=40, description="any common way of writing a phone")]
@@ -93,7 +93,7 @@ class TokenOut(Out):
 # A questionnaire is answers to a form: short values, one level deep. Each piece is bounded, and so is the whole
 # (QUESTIONNAIRE_MAX_BYTES encoded), so no account can be made to carry megabytes into every card read.
 QUESTIONNAIRE_MAX_BYTES = 32_768
-AnswerText = Annotated[str, Meta(max_length=2000)]
+AnswerText = Annotated[str, Meta(max_length=2000, pattern=TEXT)]
 QuestionnaireValue = AnswerText | int | float | bool | None | Annotated[list[Annotated[str, Meta(max_length=200)]],
                                                                         Meta(max_length=50)]
 
@@ -165,8 +165,8 @@ class PatientCardOut(Out):
 
 class DeviceIn(Wire):
     platform: Literal["android", "ios", "web"]
-    push_token: Annotated[str, Meta(min_length=1, max_length=4096)]
-    voip_token: Annotated[str, Meta(min_length=1, max_length=4096)] | None = None
+    push_token: Annotated[str, Meta(min_length=1, max_length=4096, pattern=PUSH_TOKEN_CHARS)]
+    voip_token: Annotated[str, Meta(min_length=1, max_length=4096, pattern=PUSH_TOKEN_CHARS)] | None = None
 
 
 class DeviceOut(Out):

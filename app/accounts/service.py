@@ -597,7 +597,8 @@ def card_from(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def initials(full_name: str) -> str | None:
-    return "".join(f"{part[0]}." for part in full_name.split()) or None
+    parts = full_name.split()
+    return ".".join([part[0] for part in parts]) + "." if parts else None
 
 
 def age_on(born: dt.date, today: dt.date) -> int:

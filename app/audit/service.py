@@ -16,19 +16,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 from uuid import UUID
 
+import uuid_utils
 from litestar import Request
 from litestar.datastructures import State
 from prometheus_client import Counter, Gauge
 from sqlalchemy import and_, insert, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
-from uuid_utils.compat import uuid7
 
 from app.access import Role, Viewer
 from app.audit.models import audit_event
@@ -46,6 +48,7 @@ ACTIONS: tuple[str, ...] = get_args(Action)
 MAX_BACKOFF_SECONDS = 30.0  # the longest pause between tries while the database refuses the rows
 STATEMENT_ROWS = 1000  # rows per statement: bounds one statement's size
 COLUMNS = tuple(column.name for column in audit_event.columns)
+ADDRESS_CACHE = 4096  # distinct (peer, X-Forwarded-For) pairs whose client address is remembered
 
 WRITTEN = Counter("clinic_audit_rows_written_total", "Audit rows written to the database")
 WRITE_FAILURES = Counter("clinic_audit_write_failures_total",
@@ -70,6 +73,22 @@ def staff_roles(viewer: Viewer) -> list[str]:
     return sorted(str(role) for role in viewer.roles if role != Role.PATIENT)
 
 
+@functools.lru_cache(maxsize=256)
+def staff_role_text(roles: frozenset[Role]) -> str:
+    """`staff_roles` as the row's comma-separated column, empty for a caller without a staff role; the same few
+    role sets come back on every read, so each is worked out once."""
+    return ",".join(sorted(str(role) for role in roles if role != Role.PATIENT))
+
+
+def row_values(row: tuple[Any, ...]) -> dict[str, Any]:
+    """A queued row as an INSERT's parameters. The queue keeps the id as uuid_utils made it (a tenth of the
+    cost of a `uuid.UUID`; COPY takes its bytes as they are); SQLAlchemy's GUID wants the standard type."""
+    values = dict(zip(COLUMNS, row, strict=True))
+    if not isinstance(values["id"], uuid.UUID):
+        values["id"] = uuid.UUID(bytes=values["id"].bytes)
+    return values
+
+
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -92,6 +111,9 @@ class AuditLog:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._overflowing = False
+        # the client address of a (peer, X-Forwarded-For) pair: the same few come back on every read, and parsing
+        # them (app/clientaddr.py) costs more than the rest of a record
+        self._addresses: dict[tuple[Any, ...], str] = {}
 
     @property
     def pending(self) -> int:
@@ -109,7 +131,7 @@ class AuditLog:
         try:
             if not self.enabled or own:
                 return
-            roles = staff_roles(ctx.actor)
+            roles = staff_role_text(ctx.actor.roles)
             if not roles or patient_id == ctx.actor.id:
                 return
             if len(self._pending) >= self.max_pending:
@@ -118,13 +140,27 @@ class AuditLog:
                     self._overflowing = True
                     log.error("audit queue full: rows are being dropped", extra={"pending": len(self._pending)})
                 return
-            self._pending.append((uuid7(), utcnow(), ctx.actor.id, ",".join(roles), action, target_type, target_id,
+            self._pending.append((uuid_utils.uuid7(), utcnow(), ctx.actor.id, roles, action, target_type, target_id,
                                   patient_id, ctx.request_id, ctx.ip))  # in COLUMNS order
             if len(self._pending) >= self.batch_rows:
                 self._wake.set()
         except Exception:  # the read goes on; the loss is counted and logged
             DROPPED.inc()
             log.exception("audit row not recorded", extra={"audit_action": action})
+
+    def address(self, request: Request[Any, Any, Any]) -> str:
+        """The request's client address (app/clientaddr.py), remembered per (peer, X-Forwarded-For): what it
+        depends on besides the settings, which are this app's for the log's life."""
+        client = request.scope.get("client")
+        key = (client[0] if client else None,
+               *(value for name, value in request.scope["headers"] if name == b"x-forwarded-for"))
+        known = self._addresses.get(key)
+        if known is None:
+            known = client_address(request, request.app.state["settings"])
+            if len(self._addresses) >= ADDRESS_CACHE:
+                self._addresses.clear()
+            self._addresses[key] = known
+        return known
 
     # --- writing ---------------------------------------------------------------------------------
 
@@ -175,14 +211,14 @@ class AuditLog:
             if skip_written:
                 dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
                 await conn.execute(dialect.insert(audit_event).on_conflict_do_nothing(index_elements=["id"]),
-                                   [dict(zip(COLUMNS, row, strict=True)) for row in batch])
+                                   [row_values(row) for row in batch])
                 await conn.commit()
             elif conn.dialect.name == "postgresql":  # COPY: a few microseconds a row, a tenth of an INSERT's
                 raw = await conn.get_raw_connection()
                 await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
                     audit_event.name, records=batch, columns=COLUMNS)
             else:
-                await conn.execute(insert(audit_event), [dict(zip(COLUMNS, row, strict=True)) for row in batch])
+                await conn.execute(insert(audit_event), [row_values(row) for row in batch])
                 await conn.commit()
 
     async def _run(self) -> None:
@@ -224,15 +260,15 @@ class AuditLog:
         log.error("audit rows lost at shutdown: the database refused them", extra={"rows": lost})
 
 
-def audit_context(request: Request[Any, Any, Any]) -> AuditContext:
+def audit_context(request: Request[Any, Any, Any], audit: AuditLog | None = None) -> AuditContext:
     """The caller of this request as the audit log records them."""
     viewer = request.scope["user"]
-    return AuditContext(actor=viewer, request_id=request_id_var.get(),
-                        ip=client_address(request, request.app.state.settings))
+    ip = (audit or request.app.state["audit"]).address(request)
+    return AuditContext(actor=viewer, request_id=request_id_var.get(), ip=ip)
 
 
 async def provide_audit(state: State) -> AuditLog:
-    audit: AuditLog = state.audit
+    audit: AuditLog = state["audit"]
     return audit
 
 
@@ -254,7 +290,7 @@ class AuditTrail:
     def ctx(self) -> AuditContext:
         if self._ctx is None:
             assert self._request is not None
-            self._ctx = audit_context(self._request)
+            self._ctx = audit_context(self._request, self.log)
         return self._ctx
 
     def read(self, action: Action, target_type: str, target_id: UUID, patient_id: UUID | None, *,
@@ -263,13 +299,14 @@ class AuditTrail:
             return
         if self._ctx is None and self._request is not None:
             viewer = self._request.scope.get("user")
-            if not isinstance(viewer, Viewer) or not staff_roles(viewer):
-                return  # nothing a caller without a staff role reads is recorded
+            if not isinstance(viewer, Viewer) or patient_id == viewer.id or not staff_role_text(viewer.roles):
+                return  # nothing a caller without a staff role (or reading their own) reads is recorded
         self.log.record(self.ctx, action, target_type, target_id, patient_id, own=own)
 
 
 def audit_trail(request: Request[Any, Any, Any]) -> AuditTrail:
-    return AuditTrail(request.app.state.audit, request)
+    # `state[...]`, not `state.audit`: the attribute form first fails an ordinary lookup (microseconds per read)
+    return AuditTrail(request.app.state["audit"], request)
 
 
 # --- reading the log (admins) ----------------------------------------------------------------------

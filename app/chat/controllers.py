@@ -11,7 +11,7 @@ from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.access import Viewer, signed_in
+from app.access import Viewer
 from app.audit.service import audit_trail
 from app.chat import reads
 from app.chat.schemas import ChatRowOut, EditIn, MessageIn, MessageOut, ReadIn
@@ -42,12 +42,12 @@ class ChatController(Controller):
     tags = ["chat"]
     dependencies = {"chat": Provide(provide_chat)}
 
-    @get("/", guards=[signed_in])
+    @get("/")
     async def list_chats(self, request: Request[Viewer, Any, Any]) -> Page[ChatRowOut]:
         state = request.app.state
         return Page(items=await reads.chat_list(state.database.reads, state.presence, request.user))
 
-    @get("/{conversation_id:uuid}/messages", guards=[signed_in])
+    @get("/{conversation_id:uuid}/messages")
     async def list_messages(self, request: Request[Viewer, Any, Any], conversation_id: FromPath[UUID],
                             before: FromQuery[UUID | None] = None, after: FromQuery[UUID | None] = None,
                             limit: FromQuery[Limit] = 50) -> Page[MessageOut]:
@@ -56,7 +56,7 @@ class ChatController(Controller):
         return Page(items=rows, next_cursor=str(rows[0].id) if len(rows) == limit and after is None else
                     (str(rows[-1].id) if len(rows) == limit else None))
 
-    @post("/{conversation_id:uuid}/messages", guards=[signed_in])
+    @post("/{conversation_id:uuid}/messages")
     async def send_message(self, request: Request[Viewer, Any, Any], state: State, conversation_id: FromPath[UUID],
                            data: JSONBody[MessageIn]) -> Response[MessageOut]:
         # no session of its own: the send joins the next group the send queue writes
@@ -65,18 +65,18 @@ class ChatController(Controller):
         message, created = await state.sends.send(outgoing(request.user, conversation_id, data, attached))
         return Response(localized(message), status_code=201 if created else 200)
 
-    @patch("/{conversation_id:uuid}/messages/{message_id:uuid}", guards=[signed_in])
+    @patch("/{conversation_id:uuid}/messages/{message_id:uuid}")
     async def edit_message(self, request: Request[Viewer, Any, Any], chat: NamedDependency[ChatService],
                            conversation_id: FromPath[UUID], message_id: FromPath[UUID],
                            data: JSONBody[EditIn]) -> MessageOut:
         return message_out(await chat.revise(request.user, conversation_id, message_id, data.text))
 
-    @delete("/{conversation_id:uuid}/messages/{message_id:uuid}", status_code=200, guards=[signed_in])
+    @delete("/{conversation_id:uuid}/messages/{message_id:uuid}", status_code=200)
     async def delete_message(self, request: Request[Viewer, Any, Any], chat: NamedDependency[ChatService],
                              conversation_id: FromPath[UUID], message_id: FromPath[UUID]) -> MessageOut:
         return message_out(await chat.revise(request.user, conversation_id, message_id, None))
 
-    @post("/{conversation_id:uuid}/read", status_code=204, guards=[signed_in])
+    @post("/{conversation_id:uuid}/read", status_code=204)
     async def mark_read(self, request: Request[Viewer, Any, Any], chat: NamedDependency[ChatService],
                         conversation_id: FromPath[UUID], data: JSONBody[ReadIn]) -> None:
         await chat.mark_read(request.user, conversation_id, data.up_to_message_id)

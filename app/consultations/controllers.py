@@ -13,7 +13,7 @@ from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import params, timeparams
-from app.access import ADMINS, BOOKERS_FOR_OTHERS, PATIENTS, SPECIALIST_ROLES, Viewer, require_roles, signed_in
+from app.access import ADMINS, BOOKERS_FOR_OTHERS, PATIENTS, SPECIALIST_ROLES, Viewer, only_roles
 from app.accounts import reads as account_reads
 from app.accounts.controllers import parse_cursor
 from app.audit.service import audit_trail
@@ -95,14 +95,14 @@ class ConsultationController(Controller):
         cards = await consultations.accounts.briefs(viewer, [c.patient_id])
         return consultation_out(c, cards.get(c.patient_id))
 
-    @post("/", status_code=201, guards=[require_roles(*PATIENTS, *BOOKERS_FOR_OTHERS)])
+    @post("/", status_code=201, opt=only_roles(*PATIENTS, *BOOKERS_FOR_OTHERS))
     async def book_consultation(self, request: Request[Viewer, Any, Any],
                                 consultations: NamedDependency[ConsultationService],
                                 data: JSONBody[BookIn]) -> ConsultationOut:
         booked = await consultations.book(request.user, data)
         return consultation_out(booked, booked.patient)
 
-    @get("/", guards=[signed_in])
+    @get("/")
     async def list_consultations(self, request: Request[Viewer, Any, Any], from_: params.From = None,
                                  to: params.To = None, status: FromQuery[Status | None] = None,
                                  specialist_id: FromQuery[UUID | None] = None, tz: params.Zone = None,
@@ -118,7 +118,7 @@ class ConsultationController(Controller):
         return await reads.calendar(state.database.reads, request.user, start, end, status, specialist_id, limit,
                                     parse_calendar_cursor(cursor))
 
-    @get("/{consultation_id:uuid}", guards=[signed_in])
+    @get("/{consultation_id:uuid}")
     async def get_consultation(self, request: Request[Viewer, Any, Any],
                                consultations: NamedDependency[ConsultationService],
                                consultation_id: FromPath[UUID]) -> ConsultationOut:
@@ -130,25 +130,25 @@ class ConsultationController(Controller):
         visit = await consultations.transition(request.user, consultation_id, command, reason)
         return await self._shaped(consultations, request.user, visit)
 
-    @post("/{consultation_id:uuid}/confirm", status_code=200, guards=[require_roles(*BOOKERS_FOR_OTHERS)])
+    @post("/{consultation_id:uuid}/confirm", status_code=200, opt=only_roles(*BOOKERS_FOR_OTHERS))
     async def confirm_consultation(self, request: Request[Viewer, Any, Any],
                                    consultations: NamedDependency[ConsultationService],
                                    consultation_id: FromPath[UUID]) -> ConsultationOut:
         return await self._command(request, consultations, consultation_id, "confirm")
 
-    @post("/{consultation_id:uuid}/start", status_code=200, guards=[require_roles(*SPECIALIST_ROLES)])
+    @post("/{consultation_id:uuid}/start", status_code=200, opt=only_roles(*SPECIALIST_ROLES))
     async def start_consultation(self, request: Request[Viewer, Any, Any],
                                  consultations: NamedDependency[ConsultationService],
                                  consultation_id: FromPath[UUID]) -> ConsultationOut:
         return await self._command(request, consultations, consultation_id, "start")
 
-    @post("/{consultation_id:uuid}/complete", status_code=200, guards=[require_roles(*SPECIALIST_ROLES)])
+    @post("/{consultation_id:uuid}/complete", status_code=200, opt=only_roles(*SPECIALIST_ROLES))
     async def complete_consultation(self, request: Request[Viewer, Any, Any],
                                     consultations: NamedDependency[ConsultationService],
                                     consultation_id: FromPath[UUID]) -> ConsultationOut:
         return await self._command(request, consultations, consultation_id, "complete")
 
-    @post("/{consultation_id:uuid}/cancel", status_code=200, guards=[require_roles(*PATIENTS, *BOOKERS_FOR_OTHERS)])
+    @post("/{consultation_id:uuid}/cancel", status_code=200, opt=only_roles(*PATIENTS, *BOOKERS_FOR_OTHERS))
     async def cancel_consultation(self, request: Request[Viewer, Any, Any],
                                   consultations: NamedDependency[ConsultationService],
                                   consultation_id: FromPath[UUID],
@@ -156,13 +156,13 @@ class ConsultationController(Controller):
         return await self._command(request, consultations, consultation_id, "cancel", data.reason if data else None)
 
     @post("/{consultation_id:uuid}/no-show", status_code=200,
-          guards=[require_roles(*SPECIALIST_ROLES, *BOOKERS_FOR_OTHERS)])
+          opt=only_roles(*SPECIALIST_ROLES, *BOOKERS_FOR_OTHERS))
     async def mark_no_show(self, request: Request[Viewer, Any, Any],
                            consultations: NamedDependency[ConsultationService],
                            consultation_id: FromPath[UUID]) -> ConsultationOut:
         return await self._command(request, consultations, consultation_id, "no_show")
 
-    @post("/{consultation_id:uuid}/pay", status_code=200, guards=[require_roles(*PATIENTS, *BOOKERS_FOR_OTHERS)])
+    @post("/{consultation_id:uuid}/pay", status_code=200, opt=only_roles(*PATIENTS, *BOOKERS_FOR_OTHERS))
     async def pay_consultation(self, request: Request[Viewer, Any, Any],
                                consultations: NamedDependency[ConsultationService], consultation_id: FromPath[UUID],
                                data: JSONBody[PayIn]) -> ConsultationOut:
@@ -171,20 +171,20 @@ class ConsultationController(Controller):
         visit = await consultations.pay(request.user, consultation_id, data)
         return await self._shaped(consultations, request.user, visit)
 
-    @post("/{consultation_id:uuid}/conclusion", status_code=201, guards=[require_roles(*SPECIALIST_ROLES)])
+    @post("/{consultation_id:uuid}/conclusion", status_code=201, opt=only_roles(*SPECIALIST_ROLES))
     async def write_conclusion(self, request: Request[Viewer, Any, Any],
                                consultations: NamedDependency[ConsultationService], consultation_id: FromPath[UUID],
                                data: JSONBody[ConclusionIn]) -> ConclusionOut:
         return conclusion_out(*await consultations.write_conclusion(request.user, consultation_id, data))
 
-    @get("/{consultation_id:uuid}/conclusion", guards=[signed_in])
+    @get("/{consultation_id:uuid}/conclusion")
     async def read_conclusion(self, request: Request[Viewer, Any, Any],
                               consultations: NamedDependency[ConsultationService],
                               consultation_id: FromPath[UUID]) -> ConclusionOut:
         return conclusion_out(*await consultations.read_conclusion(request.user, consultation_id,
                                                                    audit=audit_trail(request)))
 
-    @post("/{consultation_id:uuid}/chat/extend", status_code=200, guards=[require_roles(*SPECIALIST_ROLES)])
+    @post("/{consultation_id:uuid}/chat/extend", status_code=200, opt=only_roles(*SPECIALIST_ROLES))
     async def extend_chat(self, request: Request[Viewer, Any, Any], consultations: NamedDependency[ConsultationService],
                           consultation_id: FromPath[UUID], data: JSONBody[ExtendIn]) -> ConversationOut:
         visit, window = await consultations.extend_chat(request.user, consultation_id, data.until)
@@ -193,7 +193,7 @@ class ConsultationController(Controller):
                                specialist_id=visit.specialist_id, writable=window.writable,
                                writable_until=window.until)
 
-    @post("/{consultation_id:uuid}/rating", status_code=201, guards=[require_roles(*PATIENTS)])
+    @post("/{consultation_id:uuid}/rating", status_code=201, opt=only_roles(*PATIENTS))
     async def rate_consultation(self, request: Request[Viewer, Any, Any],
                                 consultations: NamedDependency[ConsultationService], consultation_id: FromPath[UUID],
                                 data: JSONBody[RatingIn]) -> RatingOut:
@@ -205,7 +205,7 @@ class CareController(Controller):
     tags = ["consultations"]
     dependencies = {"consultations": Provide(provide_consultations)}
 
-    @get("/my-patients", guards=[require_roles(*SPECIALIST_ROLES)])
+    @get("/my-patients", opt=only_roles(*SPECIALIST_ROLES))
     async def list_my_patients(self, request: Request[Viewer, Any, Any],
                                consultations: NamedDependency[ConsultationService],
                                tab: FromQuery[Literal["actual", "archive"]] = "actual",
@@ -217,13 +217,13 @@ class CareController(Controller):
                                         last_consultation_at=r.last_at, tz_offset_minutes=r.tz_offset_minutes)
                            for r in rows])
 
-    @patch("/analysis-orders/{order_id:uuid}", guards=[require_roles(*SPECIALIST_ROLES)])
+    @patch("/analysis-orders/{order_id:uuid}", opt=only_roles(*SPECIALIST_ROLES))
     async def update_analysis_order(self, request: Request[Viewer, Any, Any],
                                     consultations: NamedDependency[ConsultationService], order_id: FromPath[UUID],
                                     data: JSONBody[AnalysisStatusIn]) -> AnalysisOrderOut:
         return order_out(await consultations.set_analysis_status(request.user, order_id, data.status))
 
-    @get("/alerts/ratings", guards=[require_roles(*ADMINS)])
+    @get("/alerts/ratings", opt=only_roles(*ADMINS))
     async def list_low_ratings(self, consultations: NamedDependency[ConsultationService],
                                limit: FromQuery[Annotated[int, Parameter(ge=1, le=100)]] = 50,
                                cursor: params.Cursor = None) -> Page[RatingOut]:

@@ -12,10 +12,10 @@ import msgspec
 from msgspec import Meta
 
 from app.accounts.schemas import Sex
-from app.schemas import Out, Wire
+from app.schemas import TEXT, Out, Wire
 
 Icd10 = Annotated[str, Meta(min_length=1, max_length=16, examples=["E11.9"])]  # the format: the service
-Text = Annotated[str, Meta(max_length=20_000)]
+Text = Annotated[str, Meta(max_length=20_000, pattern=TEXT)]
 
 
 class Format(StrEnum):
@@ -73,7 +73,7 @@ class ConsultationOut(Out):
 
 
 class CancelIn(Wire):
-    reason: Annotated[str, Meta(max_length=500)] | None = None
+    reason: Annotated[str, Meta(max_length=500, pattern=TEXT)] | None = None
 
 
 class PayIn(Wire):
@@ -143,7 +143,7 @@ class AnalysisStatusIn(Wire):
 
 class RatingIn(Wire):
     score: Annotated[int, Meta(ge=1, le=5)]
-    comment: Annotated[str, Meta(max_length=2000)] | None = None
+    comment: Annotated[str, Meta(max_length=2000, pattern=TEXT)] | None = None
 
 
 class RatingOut(Out):

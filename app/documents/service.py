@@ -10,6 +10,7 @@ same grants made into one SQL clause. No HTTP here.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -91,6 +92,14 @@ class DocumentService:
         self.settings = settings
         self.accounts = accounts
         self._acting: dict[UUID, list[UUID]] = {}  # per viewer, for this request
+
+    def on(self, session: AsyncSession) -> DocumentService:
+        """The same service going through another session (a direct upload checks its declaration through the
+        autocommit reader: one round trip, and the request's own session holds no connection while the file
+        streams)."""
+        accounts = copy.copy(self.accounts)
+        accounts.session = session
+        return DocumentService(session, self.settings, accounts)
 
     # --- the relationship of a viewer to documents ------------------------------------------------
 

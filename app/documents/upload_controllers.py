@@ -15,7 +15,7 @@ from litestar.response import Redirect, Stream
 from litestar.types import ControllerRouterHandler
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.access import PUBLIC, Viewer, signed_in
+from app.access import PUBLIC, Viewer
 from app.audit.service import audit_trail
 from app.documents.checks import TooLarge
 from app.documents.schemas import CreatedOut, DocumentIn, DocumentOut, UploadOut, document_out
@@ -44,19 +44,19 @@ class DocumentUploadController(Controller):
     tags = ["documents"]
     dependencies = {"uploads": Provide(provide_uploads)}
 
-    @post("/", guards=[signed_in], status_code=201)
+    @post("/", status_code=201)
     async def create(self, request: Request[Viewer, Any, Any], uploads: NamedDependency[UploadService],
                      data: JSONBody[DocumentIn]) -> CreatedOut:
         """A pending document and where to PUT its bytes (exactly `upload.headers`); then complete it."""
         document, url, headers = await uploads.create(request.user, data, origin(request))
         return CreatedOut(document=document_out(document), upload=UploadOut(url=url, method="PUT", headers=headers))
 
-    @post("/{document_id:uuid}/complete", guards=[signed_in], status_code=200)
+    @post("/{document_id:uuid}/complete", status_code=200)
     async def complete(self, request: Request[Viewer, Any, Any], uploads: NamedDependency[UploadService],
                        document_id: FromPath[UUID]) -> DocumentOut:
         return document_out(await uploads.complete(request.user, document_id))
 
-    @get("/{document_id:uuid}/download", guards=[signed_in], status_code=307)
+    @get("/{document_id:uuid}/download", status_code=307)
     async def download(self, request: Request[Viewer, Any, Any], uploads: NamedDependency[UploadService],
                        document_id: FromPath[UUID]) -> Redirect:
         """307 to a short-lived URL answering the file as an attachment."""
@@ -64,7 +64,7 @@ class DocumentUploadController(Controller):
         return Redirect(path=url, status_code=307)
 
 
-@post("/api/v1/documents/upload", guards=[signed_in], status_code=201, tags=["documents"],
+@post("/api/v1/documents/upload", status_code=201, tags=["documents"],
       dependencies={"uploads": Provide(provide_uploads)})
 async def direct_upload(request: Request[Viewer, Any, Any], uploads: NamedDependency[UploadService]) -> DocumentOut:
     """A multipart form (the fields of POST /api/v1/documents, then `file`), streamed to storage and checked."""

@@ -71,13 +71,14 @@ class UploadService:
 
     # --- what can be refused before any byte is sent -----------------------------------------------------------
 
-    async def _permit(self, viewer: Viewer, data: DocumentIn) -> str:
+    async def _permit(self, viewer: Viewer, data: DocumentIn, documents: DocumentService | None = None) -> str:
         """Refuse what the declaration already shows; answers the role the caller uploads as (DocumentService
-        checks the patient, the kind and the consultation)."""
+        checks the patient, the kind and the consultation, through `documents` when given)."""
         if data.size > self.max_bytes:
             raise TooLarge(f"files are limited to {self.max_bytes} bytes", "too_large")
         family_of(data.content_type)
-        return await self.documents.may_upload(viewer, data.patient_id, data.kind, data.consultation_id)
+        return await (documents or self.documents).may_upload(viewer, data.patient_id, data.kind,
+                                                              data.consultation_id)
 
     def _new(self, viewer: Viewer, data: DocumentIn, role: str) -> Document:
         document = Document(patient_id=data.patient_id, kind=data.kind, filename=safe_filename(data.filename),
@@ -254,9 +255,10 @@ class DirectUpload:
             raise Invalid(f"invalid input: {exc}", "invalid_input") from exc
         self.declared_size = given.size
         uploads = self.uploads
-        self.role = await uploads._permit(self.viewer, self.data)
-        # nothing is written until the bytes pass: the database connection is not held while the file streams
-        await uploads.session.commit()
+        # nothing is written until the bytes pass, so the checks read through the autocommit reader (no BEGIN
+        # and COMMIT around them) and no database connection is held while the file streams
+        async with uploads.database.reader() as reading:
+            self.role = await uploads._permit(self.viewer, self.data, uploads.documents.on(reading))
         self.key = new_key()
         self.writer = await uploads.store.writer(self.key, self.data.content_type)
 
@@ -296,17 +298,33 @@ class DirectUpload:
             raise Invalid("the file is empty", "file_empty")
         if self.declared_size is not None and self.declared_size != size:
             raise TooLarge("the file is not the size declared", "size_mismatch")
+        self.done = True  # every check passed: what is left is storing the last bytes (`finish`)
+
+    async def _store(self) -> None:
+        assert self.writer is not None
         await self.writer.finish()
-        self.stored, self.done = True, True
+        self.stored = True
 
     async def finish(self) -> Document:
-        if not self.done or self.data is None:
+        """The last bytes go to storage (the single PUT of a small file, the last part and the completion of a
+        large one) while the ready row and its event are written in the request's transaction: the two round
+        trips overlap instead of adding up. The transaction commits only after the object is stored (the
+        handler returns then); a failure of either side rolls the row back and `abort` removes the object."""
+        if not self.done or self.data is None or self.writer is None:
             raise Invalid("the form has no file", "file_required")
         uploads = self.uploads
-        document = uploads._new(self.viewer, msgspec.structs.replace(self.data, size=self.writer.written
-                                                                     if self.writer else 0), self.role)
+        document = uploads._new(self.viewer, msgspec.structs.replace(self.data, size=self.writer.written),
+                                self.role)
         document.storage_key = self.key
-        await uploads.documents.became_ready(document)  # its flush inserts the row, already ready
+        storing = asyncio.ensure_future(self._store())
+        try:
+            await uploads.documents.became_ready(document)  # its flush inserts the row, already ready
+        except BaseException:
+            await asyncio.wait([storing])  # its outcome says what `abort` has to remove
+            if not storing.cancelled():
+                storing.exception()  # retrieved: the database's error is the one raised
+            raise
+        await storing
         return document
 
     async def abort(self) -> None:

@@ -61,6 +61,8 @@ SENT = Counter("clinic_outbox_sent_total", "Pushes and SMS the outbox worker del
 RETRIED = Counter("clinic_outbox_retried_total", "Outbox rows put back for another attempt")
 FAILED = Counter("clinic_outbox_failed_total", "Outbox rows given up after OUTBOX_MAX_ATTEMPTS")
 PENDING_ROWS = Gauge("clinic_outbox_pending", "Outbox rows neither dispatched nor failed")
+OLDEST_PENDING = Gauge("clinic_outbox_oldest_pending_seconds", "Age of the oldest outbox row neither dispatched nor "
+                       "failed (0 when none): how far behind the worker is")
 
 # consultation.updated changes a patient must hear of; the others they made themselves or see in the app
 PATIENT_CHANGES = frozenset({"confirm", "cancel", "move"})
@@ -281,9 +283,11 @@ class OutboxWorker:
 
     async def measure(self) -> None:
         async with self.database.reader() as session:
-            pending = await session.scalar(select(func.count()).select_from(OutboxEvent).where(
-                OutboxEvent.dispatched_at.is_(None), OutboxEvent.failed_at.is_(None)))
+            pending, oldest = (await session.execute(
+                select(func.count(), func.min(OutboxEvent.created_at)).select_from(OutboxEvent).where(
+                    OutboxEvent.dispatched_at.is_(None), OutboxEvent.failed_at.is_(None)))).one()
         PENDING_ROWS.set(pending or 0)
+        OLDEST_PENDING.set(max(0.0, (utcnow() - oldest).total_seconds()) if oldest is not None else 0.0)
 
     # --- one pass -----------------------------------------------------------------------------------
 

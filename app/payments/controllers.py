@@ -12,7 +12,7 @@ from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import params
-from app.access import PATIENTS, PUBLIC, STAFF_READERS, Viewer, require_roles, signed_in
+from app.access import PATIENTS, PUBLIC, STAFF_READERS, Viewer, only_roles
 from app.accounts.controllers import parse_cursor
 from app.consultations.controllers import provide_consultations
 from app.consultations.service import ConsultationService
@@ -45,14 +45,14 @@ class PaymentController(Controller):
     tags = ["payments"]
     dependencies = {"consultations": Provide(provide_consultations), "payments": Provide(provide_payments)}
 
-    @post("/consultations/{consultation_id:uuid}/payments", status_code=201, guards=[require_roles(*PATIENTS)])
+    @post("/consultations/{consultation_id:uuid}/payments", status_code=201, opt=only_roles(*PATIENTS))
     async def pay_online(self, request: Request[Viewer, Any, Any], consultations: NamedDependency[ConsultationService],
                          consultation_id: FromPath[UUID]) -> PaymentOut:
         """Pay for a consultation online: answers the provider's page to confirm on (`confirmation_url`).
         Asked again while that payment is open, it answers the same one."""
         return payment_out(await consultations.pay_online(request.user, consultation_id))
 
-    @get("/consultations/{consultation_id:uuid}/payments", guards=[signed_in])
+    @get("/consultations/{consultation_id:uuid}/payments")
     async def list_payments(self, request: Request[Viewer, Any, Any],
                             consultations: NamedDependency[ConsultationService],
                             consultation_id: FromPath[UUID]) -> Page[PaymentOut]:
@@ -66,7 +66,7 @@ class PaymentController(Controller):
         changed = await consultations.payment_notified("yookassa", data.event, data.object.id)
         return NotificationOut(outcome="processed" if changed else "ignored")
 
-    @get("/refunds", guards=[require_roles(*STAFF_READERS)])
+    @get("/refunds", opt=only_roles(*STAFF_READERS))
     async def list_refunds(self, payments: NamedDependency[PaymentService],
                            status: FromQuery[Literal["due", "pending", "succeeded", "failed"] | None] = None,
                            limit: FromQuery[Annotated[int, Parameter(ge=1, le=200)]] = 50,
@@ -76,7 +76,7 @@ class PaymentController(Controller):
         return Page(items=[refund_out(r) for r in rows[:limit]],
                     next_cursor=str(rows[limit - 1].id) if len(rows) > limit else None)
 
-    @post("/refunds/{refund_id:uuid}/done", status_code=200, guards=[require_roles(*STAFF_READERS)])
+    @post("/refunds/{refund_id:uuid}/done", status_code=200, opt=only_roles(*STAFF_READERS))
     async def refund_done(self, request: Request[Viewer, Any, Any], payments: NamedDependency[PaymentService],
                           refund_id: FromPath[UUID]) -> RefundOut:
         """The front desk gave the money back by hand."""

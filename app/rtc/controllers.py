@@ -5,23 +5,27 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from enum import StrEnum
+from typing import Annotated, Any
 from uuid import UUID
 
 import msgspec
 from litestar import Controller, Request, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
-from litestar.params import FromPath, FromQuery, JSONBody
+from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.access import Viewer, signed_in
+from app import params
+from app.access import Viewer
+from app.accounts.controllers import parse_cursor
 from app.chat.gateway import SocketRoute
 from app.errors import DomainError, Invalid, NotVisible, TooMany
 from app.rtc.models import Call
 from app.rtc.schemas import AnswerOut, CallOut, CallStarted, CallState, IceServerOut, MediaIn, OfferIn
 from app.rtc.service import CallService
 from app.rtc.turn import ice_servers
+from app.schemas import Page
 from app.services import calls_for
 
 log = logging.getLogger("app.rtc")
@@ -66,7 +70,7 @@ class StartController(Controller):
     tags = ["calls"]
     dependencies = {"calls": Provide(provide_calls)}
 
-    @post("/{consultation_id:uuid}/calls", status_code=201, guards=[signed_in])
+    @post("/{consultation_id:uuid}/calls", status_code=201)
     async def start_call(self, request: Request[Viewer, Any, Any], calls: NamedDependency[CallService],
                          consultation_id: FromPath[UUID]) -> CallStarted:
         """The consultation's specialist calls the patient: it rings in the app, and by push when not shown."""
@@ -76,37 +80,52 @@ class StartController(Controller):
                            delivered_via=started.delivered_via, created_at=c.created_at, ring_until=c.ring_deadline)
 
 
+class CallListStatus(StrEnum):
+    LIVE = "live"  # ringing or active
+
+
 class CallController(Controller):
     path = "/api/v1/calls"
     tags = ["calls"]
     dependencies = {"calls": Provide(provide_calls)}
 
-    @get("/{call_id:uuid}", guards=[signed_in])
+    @get("/")
+    async def list_calls(self, request: Request[Viewer, Any, Any], calls: NamedDependency[CallService],
+                         status: FromQuery[CallListStatus] = CallListStatus.LIVE,
+                         limit: FromQuery[Annotated[int, Parameter(ge=1, le=100)]] = 20,
+                         cursor: params.Cursor = None) -> Page[CallOut]:
+        """The caller's live calls (ringing or active; `status=live`), newest first: the consultations they are
+        the patient, a dependent's guardian or the specialist of. A page opened after a call started rings."""
+        rows = await calls.live_of(request.user, limit, parse_cursor(cursor))
+        return Page(items=[call_out(c) for c in rows[:limit]],
+                    next_cursor=str(rows[limit - 1].id) if len(rows) > limit else None)
+
+    @get("/{call_id:uuid}")
     async def get_call(self, request: Request[Viewer, Any, Any], calls: NamedDependency[CallService],
                        call_id: FromPath[UUID]) -> CallOut:
         return call_out(await calls.get(request.user, call_id))
 
-    @post("/{call_id:uuid}/accept", status_code=200, guards=[signed_in])
+    @post("/{call_id:uuid}/accept", status_code=200)
     async def accept_call(self, request: Request[Viewer, Any, Any], calls: NamedDependency[CallService],
                           call_id: FromPath[UUID]) -> CallOut:
         return call_out(await calls.accept(request.user, call_id))
 
-    @post("/{call_id:uuid}/decline", status_code=200, guards=[signed_in])
+    @post("/{call_id:uuid}/decline", status_code=200)
     async def decline_call(self, request: Request[Viewer, Any, Any], calls: NamedDependency[CallService],
                            call_id: FromPath[UUID]) -> CallOut:
         return call_out(await calls.decline(request.user, call_id))
 
-    @post("/{call_id:uuid}/end", status_code=200, guards=[signed_in])
+    @post("/{call_id:uuid}/end", status_code=200)
     async def end_call(self, request: Request[Viewer, Any, Any], calls: NamedDependency[CallService],
                        call_id: FromPath[UUID]) -> CallOut:
         return call_out(await calls.end(request.user, call_id))
 
-    @post("/{call_id:uuid}/media", status_code=200, guards=[signed_in])
+    @post("/{call_id:uuid}/media", status_code=200)
     async def set_media(self, request: Request[Viewer, Any, Any], calls: NamedDependency[CallService],
                         call_id: FromPath[UUID], data: JSONBody[MediaIn]) -> CallOut:
         return call_out(await calls.media(request.user, call_id, data.audio, data.video))
 
-    @post("/{call_id:uuid}/rtc/offer", status_code=200, guards=[signed_in])
+    @post("/{call_id:uuid}/rtc/offer", status_code=200)
     async def offer_media(self, request: Request[Viewer, Any, Any], calls: NamedDependency[CallService],
                           call_id: FromPath[UUID], data: JSONBody[OfferIn]) -> AnswerOut:
         """One RTCPeerConnection per participant to the SFU: the offer's answer (sendrecv audio and video)."""
@@ -114,14 +133,14 @@ class CallController(Controller):
         sdp, type_ = await calls.offer(request.user, call_id, data.sdp, data.type)
         return AnswerOut(sdp=sdp, type=type_)
 
-    @post("/{call_id:uuid}/rtc/candidate", status_code=204, guards=[signed_in])
+    @post("/{call_id:uuid}/rtc/candidate", status_code=204)
     async def trickle_candidate(self, request: Request[Viewer, Any, Any], calls: NamedDependency[CallService],
                                 call_id: FromPath[UUID], data: JSONBody[CandidateIn]) -> None:
         """A trickled ICE candidate for the viewer's current peer connection (the socket's `rtc.candidate`)."""
         await calls.candidate(request.user, call_id, checked_candidate(data.candidate))
 
 
-@get("/api/v1/rtc/ice-servers", guards=[signed_in], tags=["calls"], dependencies={"calls": Provide(provide_calls)})
+@get("/api/v1/rtc/ice-servers", tags=["calls"], dependencies={"calls": Provide(provide_calls)})
 async def list_ice_servers(request: Request[Viewer, Any, Any], state: State, calls: NamedDependency[CallService],
                            call_id: FromQuery[UUID | None] = None) -> list[IceServerOut]:
     """STUN, and for a participant of the live call `call_id` TURN too; TURN credentials expire (coturn's REST

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from uuid_utils.compat import uuid7
@@ -29,6 +29,7 @@ from app.access import Viewer
 from app.accounts.service import AccountService
 from app.chat import streams
 from app.chat.hub import Bus, Presence
+from app.chat.models import Conversation
 from app.chat.service import ChatService, Party
 from app.consultations.schemas import Format, Status
 from app.consultations.service import CALLABLE, ConsultationService, callable_now
@@ -197,6 +198,18 @@ class CallService:
 
     async def get(self, viewer: Viewer, call_id: UUID) -> Call:
         return (await self._visible(viewer, call_id))[0]
+
+    async def live_of(self, viewer: Viewer, limit: int, before: UUID | None = None) -> list[Call]:
+        """The ringing and active calls whose conversation the viewer is in (its specialist, its patient with a
+        login, a dependent's guardian: the chat's own rule), newest first, one more than `limit` (a next page):
+        one statement, so a page opened after the ring started shows it. Nobody sees anyone else's calls."""
+        people = or_(Conversation.specialist_id == viewer.id, Conversation.guardian_id == viewer.id,
+                     and_(Conversation.patient_id == viewer.id, Conversation.patient_has_login))
+        query = (select(Call).join(Conversation, Conversation.id == Call.conversation_id)
+                 .where(Call.state.in_(LIVE_STATES), people).order_by(Call.id.desc()).limit(limit + 1))
+        if before is not None:
+            query = query.where(Call.id < before)
+        return list((await self.session.scalars(query)).all())
 
     async def _move(self, call: Call, sources: Sequence[str], *also: Any, **values: Any) -> bool:
         """Compare-and-set on the state: False when the call left `sources` meanwhile (another device, instance)

@@ -8,17 +8,19 @@ from uuid import UUID
 from litestar import Controller, Request, Response, delete, get, post, put
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import params, timeparams
-from app.access import ADMINS, BOOKERS_FOR_OTHERS, PATIENTS, PUBLIC, Role, Viewer, require_roles, signed_in
+from app.access import ADMINS, BOOKERS_FOR_OTHERS, PATIENTS, PUBLIC, Role, Viewer, only_roles
 from app.accounts.controllers import parse_cursor, provide_accounts
 from app.accounts.reads import timezone_of
 from app.accounts.service import AccountService
 from app.scheduling import reads
 from app.scheduling.models import ClinicService, Schedule, SpecialtyRule, WaitlistRequest
 from app.scheduling.schemas import (
+    FeedSlotOut,
     HoldOut,
     RulesIn,
     RulesOut,
@@ -101,7 +103,7 @@ class CatalogueController(Controller):
             cache.put(page)
         return page
 
-    @put("/specialties/{code:str}/rules", guards=[require_roles(*ADMINS)], after_response=forget_rules)
+    @put("/specialties/{code:str}/rules", opt=only_roles(*ADMINS), after_response=forget_rules)
     async def set_specialty_rules(self, state: State, scheduling: NamedDependency[SchedulingService],
                                   code: FromPath[Specialty], data: JSONBody[RulesIn]) -> SpecialtyOut:
         """Whom a direction serves (age in whole years on the visit's day, sex); checked at every booking."""
@@ -114,7 +116,7 @@ class CatalogueController(Controller):
                             specialty: FromQuery[Specialty | None] = None) -> Page[ServiceOut]:
         return Page(items=[service_out(s) for s in await scheduling.services(specialty)])
 
-    @post("/services", status_code=201, guards=[require_roles(Role.ADMIN)])
+    @post("/services", status_code=201, opt=only_roles(Role.ADMIN))
     async def create_service(self, scheduling: NamedDependency[SchedulingService],
                              data: JSONBody[ServiceIn]) -> ServiceOut:
         return service_out(await scheduling.create_service(data))
@@ -125,7 +127,7 @@ class CatalogueController(Controller):
         return Page(items=[SpecialistOut(id=u.id, full_name=u.full_name, specialties=list(u.specialties),
                                          timezone=u.timezone) for u in await accounts.specialists(specialty)])
 
-    @put("/specialists/{specialist_id:uuid}/schedule", guards=[require_roles(*SCHEDULERS)])
+    @put("/specialists/{specialist_id:uuid}/schedule", opt=only_roles(*SCHEDULERS))
     async def set_schedule(self, scheduling: NamedDependency[SchedulingService],
                            accounts: NamedDependency[AccountService], specialist_id: FromPath[UUID],
                            data: JSONBody[ScheduleIn]) -> ScheduleOut:
@@ -134,7 +136,7 @@ class CatalogueController(Controller):
         schedule, created, removed = await scheduling.set_schedule(specialist, data)
         return schedule_out(schedule, created, removed)
 
-    @get("/specialists/{specialist_id:uuid}/slots", guards=[signed_in])
+    @get("/specialists/{specialist_id:uuid}/slots")
     async def list_slots(self, request: Request[Viewer, Any, Any], specialist_id: FromPath[UUID],
                          from_: params.From = None,
                          to: params.To = None, tz: params.Zone = None) -> Page[SlotOut]:
@@ -145,13 +147,13 @@ class CatalogueController(Controller):
         start, end = timeparams.time_range(from_, to, zone)
         return Page(items=await reads.free_slots(state.database.reads, specialist_id, start, end))
 
-    @post("/slots/{slot_id:uuid}/hold", status_code=201, guards=[require_roles(*PATIENTS, *BOOKERS_FOR_OTHERS)])
+    @post("/slots/{slot_id:uuid}/hold", status_code=201, opt=only_roles(*PATIENTS, *BOOKERS_FOR_OTHERS))
     async def hold_slot(self, request: Request[Viewer, Any, Any], scheduling: NamedDependency[SchedulingService],
                         slot_id: FromPath[UUID]) -> HoldOut:
         hold_id, until = await scheduling.hold(slot_id, request.user)
         return HoldOut(hold_id=hold_id, slot_id=slot_id, expires_at=until)
 
-    @get("/slots/feed", opt=PUBLIC)
+    @get("/slots/feed", opt=PUBLIC, responses={200: ResponseSpec(Page[FeedSlotOut], description="Free slots")})
     async def slot_feed(self, request: Request[Any, Any, Any], state: State,
                         specialty: FromQuery[Specialty | None] = None,
                         from_: params.From = None,
@@ -170,7 +172,7 @@ class CatalogueController(Controller):
             return Response(b"", status_code=304, headers=headers)
         return Response(body, media_type="application/json", headers=headers)
 
-    @post("/waitlist", status_code=201, guards=[require_roles(*PATIENTS)])
+    @post("/waitlist", status_code=201, opt=only_roles(*PATIENTS))
     async def join_waitlist(self, request: Request[Viewer, Any, Any], scheduling: NamedDependency[SchedulingService],
                             accounts: NamedDependency[AccountService], data: JSONBody[WaitlistIn]) -> WaitlistOut:
         patient_id = await accounts.acting_patient(request.user, data.patient_id)
@@ -179,7 +181,7 @@ class CatalogueController(Controller):
         return waitlist_out(await scheduling.add_to_waitlist(patient_id, request.user, data.specialty.value,
                                                              data.specialist_id, data.note))
 
-    @get("/waitlist", guards=[require_roles(*PATIENTS, *BOOKERS_FOR_OTHERS)])
+    @get("/waitlist", opt=only_roles(*PATIENTS, *BOOKERS_FOR_OTHERS))
     async def list_waitlist(self, request: Request[Viewer, Any, Any], scheduling: NamedDependency[SchedulingService],
                             accounts: NamedDependency[AccountService],
                             status: FromQuery[Literal["open", "resolved", "withdrawn"] | None] = "open",
@@ -191,7 +193,7 @@ class CatalogueController(Controller):
         return Page(items=[waitlist_out(w) for w in rows[:limit]],
                     next_cursor=str(rows[limit - 1].id) if len(rows) > limit else None)
 
-    @delete("/waitlist/{request_id:uuid}", status_code=204, guards=[require_roles(*PATIENTS)])
+    @delete("/waitlist/{request_id:uuid}", status_code=204, opt=only_roles(*PATIENTS))
     async def withdraw_from_waitlist(self, request: Request[Viewer, Any, Any],
                                      scheduling: NamedDependency[SchedulingService],
                                      accounts: NamedDependency[AccountService], request_id: FromPath[UUID]) -> None:
@@ -199,7 +201,7 @@ class CatalogueController(Controller):
         await scheduling.withdraw_from_waitlist(request_id, request.user,
                                                 await accounts.patients_acted_for(request.user))
 
-    @post("/waitlist/{request_id:uuid}/resolve", status_code=200, guards=[require_roles(*BOOKERS_FOR_OTHERS)])
+    @post("/waitlist/{request_id:uuid}/resolve", status_code=200, opt=only_roles(*BOOKERS_FOR_OTHERS))
     async def resolve_waitlist(self, request: Request[Viewer, Any, Any],
                                scheduling: NamedDependency[SchedulingService], request_id: FromPath[UUID],
                                data: JSONBody[WaitlistResolveIn]) -> WaitlistOut:

@@ -12,7 +12,7 @@ import msgspec
 from msgspec import Meta
 
 from app.accounts.schemas import Sex
-from app.schemas import Out, Wire
+from app.schemas import TEXT, Out, Wire
 from app.specialties import Specialty
 
 ClockTime = Annotated[str, Meta(max_length=5, pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$|^24:00$", examples=["09:00"])]
@@ -50,7 +50,7 @@ class SpecialtyOut(Out):
 
 class ServiceIn(Wire):
     specialty: Specialty
-    title: Annotated[str, Meta(min_length=1, max_length=200)]
+    title: Annotated[str, Meta(min_length=1, max_length=200, pattern=TEXT)]
     duration_minutes: Annotated[int, Meta(ge=5, le=480)]
     price: Decimal  # checked by the service: 0 to 10,000,000 with at most kopecks
     in_person_only: bool = False
@@ -124,7 +124,7 @@ class WaitlistIn(Wire):
     specialty: Specialty
     patient_id: UUID | None = None
     specialist_id: UUID | None = None
-    note: Annotated[str, Meta(max_length=1000)] = ""
+    note: Annotated[str, Meta(max_length=1000, pattern=TEXT)] = ""
 
 
 class WaitlistOut(Out):
@@ -140,4 +140,4 @@ class WaitlistOut(Out):
 
 
 class WaitlistResolveIn(Wire):
-    resolution: Annotated[str, Meta(max_length=1000)] = ""
+    resolution: Annotated[str, Meta(max_length=1000, pattern=TEXT)] = ""

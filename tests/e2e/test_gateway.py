@@ -154,7 +154,7 @@ async def test_a_socket_needs_a_valid_token(api: list[str], patient: Session) ->
 
 
 async def test_a_silent_socket_is_closed_and_bad_frames_answered(test_settings: Settings, patient: Session) -> None:
-    async with servers(test_settings, 1, WS_HEARTBEAT_SECONDS="0.5") as (base,):
+    async with servers(test_settings, 1, WS_HEARTBEAT_SECONDS="0.5", METRICS_TOKEN="m") as (base,):
         async with websockets.connect(ws_url(base, patient)) as socket:
             await socket.send("not json")
             assert json.loads(await asyncio.wait_for(socket.recv(), WAIT)) == {
@@ -165,6 +165,9 @@ async def test_a_silent_socket_is_closed_and_bad_frames_answered(test_settings: 
                 await asyncio.wait_for(socket.recv(), WAIT)
         assert closed.value.rcvd is not None
         assert closed.value.rcvd.code == 4408
+        async with httpx.AsyncClient() as http:
+            metrics = (await http.get(f"{base}/metrics", headers={"Authorization": "Bearer m"})).text
+        assert 'clinic_websockets_closed_by_server_total{reason="idle"} 1.0' in metrics
 
 
 async def test_a_confirmation_reaches_the_patient_live_and_opens_the_chat(

@@ -1,7 +1,7 @@
-"""What crosses Google's, Apple's and the SMS operator's servers: after a whole scenario (chat messages, a conclusion,
-a low rating, reminders by push and by SMS, a call) every byte the FCM and APNs stand-ins and the SMS gateway
-received holds no name, phone, diagnosis or message text: only ids, types and neutral titles (and for an SMS, the
-number it is sent to)."""
+"""What crosses Google's, Apple's and the SMS operator's servers, and what the logs hold: after a whole scenario
+(chat messages, a conclusion, a low rating, reminders by push and by SMS, a call) every byte the FCM and APNs
+stand-ins and the SMS gateway received holds no name, phone, diagnosis or message text: only ids, types and neutral
+titles (and for an SMS, the number it is sent to); and no line the app logged meanwhile holds any of them."""
 
 # ruff: noqa: RUF001  (Russian text)
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import logging
 import secrets
 import threading
 import uuid
@@ -27,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_asyn
 from app.accounts.models import Device
 from app.migrate import upgrade
 from app.notifications.models import Reminder
+from app.observability import JsonFormatter, RedactingFilter
 from app.outbox import OutboxEvent
 from app.settings import Settings
 from tests.conftest import Session, fresh_database_url, running
@@ -43,6 +45,32 @@ MESSAGES = ("Ваш HbA1c 8,1 процента, это сахарный диаб
 DIAGNOSIS = ("E11.9", "Сахарный диабет 2 типа")
 TREATMENT = "Метформин 500 мг дважды в день"
 COMPLAINT = "Врач был груб и опоздал"
+
+
+class Lines(logging.Handler):
+    """Every record as the app's own log handler writes it (app/observability.py configure_logging)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+        self.setFormatter(JsonFormatter())
+        self.addFilter(RedactingFilter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def logged() -> Iterator[Lines]:
+    root, lines = logging.getLogger(), Lines()
+    level = root.level
+    root.addHandler(lines)
+    root.setLevel(logging.INFO)  # what production logs at least
+    try:
+        yield lines
+    finally:
+        root.removeHandler(lines)
+        root.setLevel(level)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +107,7 @@ async def database_url(data_dir: Path) -> str:
 
 @pytest.fixture(scope="module")
 def test_settings(data_dir: Path, database_url: str, fcm: FcmFixture, apns: ApnsStandin, gateway: Gateway) -> Settings:
-    base = own_settings(data_dir, database_url)
+    base = msgspec.structs.replace(own_settings(data_dir, database_url), log_requests=True, log_level="INFO")
     return apns.settings(fcm.settings(base, outbox_poll_seconds=0.2, sms_backend="http", sms_http_url=gateway.url))
 
 
@@ -133,7 +161,7 @@ async def act(client: AsyncTestClient[Any], who: Session, path: str, body: Any =
 async def test_nothing_personal_or_medical_reaches_a_push_service_or_the_sms_gateway(
     client: AsyncTestClient[Any], fcm: FcmFixture, apns: ApnsStandin, gateway: Gateway, session_maker: Maker,
     patient: Session, admin: Session, login: Callable[[str], Any], new_phone: Callable[[], str],
-    specialist: Callable[..., Any], service: Callable[..., Any], visit_until: Callable[..., Any],
+    specialist: Callable[..., Any], service: Callable[..., Any], visit_until: Callable[..., Any], logged: Lines,
 ) -> None:
     doctor = await specialist()
     await named(client, doctor, DOCTOR)
@@ -201,6 +229,17 @@ async def test_nothing_personal_or_medical_reaches_a_push_service_or_the_sms_gat
     for phone in phones:
         assert phone not in everything, phone
         assert phone[1:] not in everything, phone  # without the country code
+
+    requests = [json.loads(line) for line in logged.lines if json.loads(line)["logger"] == "app.access"]
+    assert len(requests) >= 15  # the scenario's requests, each with its id and, signed in, its user's id
+    assert all(r["request_id"] for r in requests)
+    assert {str(patient.id), str(doctor.id)} <= {r["user_id"] for r in requests}
+    logs = "\n".join(logged.lines)
+    for secret in forbidden:
+        assert secret.casefold() not in logs.casefold(), secret
+    for phone in phones:
+        assert phone not in logs, phone
+        assert phone[1:] not in logs, phone
     assert msgspec.json.decode(msgspec.json.encode(reminder_sms[0]))["text"].startswith(
         "Напоминание: у вас запись в клинике")
 

@@ -21,7 +21,7 @@ from uuid_utils.compat import uuid7
 
 from app.access import Role, Viewer
 from app.audit.models import audit_event
-from app.audit.service import COLUMNS, AuditContext, AuditLog
+from app.audit.service import AuditContext, AuditLog, row_values
 from app.documents.models import Document
 from app.documents.storage import new_key
 from app.settings import Settings
@@ -175,7 +175,8 @@ async def test_admins_list_the_log_by_patient_actor_and_action_newest_first_in_p
     paged: list[str] = []
     cursor = None
     while True:
-        params = {"patient_id": str(patient.id), "limit": 4, **({"cursor": cursor} if cursor else {})}
+        params: dict[str, str | int] = {"patient_id": str(patient.id), "limit": 4,
+                                        **({"cursor": cursor} if cursor else {})}
         answer = await client.get("/api/v1/audit", headers=admin.headers, params=params)
         assert answer.status_code == 200, answer.text
         page = answer.json()
@@ -298,7 +299,7 @@ async def test_a_batch_written_once_whose_answer_was_lost_does_not_block_the_que
     ctx = AuditContext(actor=Viewer(registrar.id, frozenset({Role.REGISTRAR})), request_id="lost-answer", ip=None)
     for _ in range(3):
         audit.record(ctx, "card.read", "patient", patient.id, patient.id)
-    first = dict(zip(COLUMNS, audit._pending[-3], strict=True))
+    first = row_values(audit._pending[-3])
     async with session_maker() as session:  # the first row reached the table, but the writer never heard back
         await session.execute(audit_event.insert(), [first])
         await session.commit()

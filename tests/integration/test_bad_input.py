@@ -216,3 +216,25 @@ async def test_a_nine_megabyte_questionnaire_is_not_stored(client: AsyncTestClie
     assert "questionnaire" in answer.json()["detail"]
     me = (await client.get("/api/v1/me", headers=patient.headers)).json()
     assert me["questionnaire"] == {}
+
+
+async def test_a_nul_in_free_text_is_422_and_nothing_is_written(
+    client: AsyncTestClient[Any], patient: Session, specialist: Any, service: Any, visit_until: Any,
+) -> None:
+    """PostgreSQL cannot store NUL: a text holding one is refused up front (on SQLite too), never a 500 or a chat
+    send group failed for everyone in it."""
+    doctor = await specialist()
+    visit = await visit_until(patient, doctor, await service(), "confirmed", nth=1)
+    chat = f"/api/v1/chats/{visit['conversation_id']}/messages"
+    sent = await client.post(chat, headers=patient.headers, json={"client_id": "nul-1", "text": "a\u0000b"})
+    assert sent.status_code == 422, sent.text
+    history = await client.get(chat, headers=patient.headers)
+    assert all("\u0000" not in (m.get("text") or "") for m in history.json()["items"])
+    for path, body in (("/api/v1/devices", {"platform": "ios", "push_token": "ab\u0000cd"}),
+                       ("/api/v1/devices", {"platform": "android", "push_token": "x", "voip_token": "\u0000"}),
+                       (f"/api/v1/consultations/{visit['id']}/cancel", {"reason": "\u0000"}),
+                       ("/api/v1/waitlist", {"specialty": "endocrinology", "note": "late\u0000"})):
+        answer = await client.post(path, headers=patient.headers, json=body)
+        assert answer.status_code == 422, (path, answer.text)
+    assert (await client.get(f"/api/v1/consultations/{visit['id']}", headers=patient.headers)).json()[
+        "status"] == "confirmed"

@@ -30,9 +30,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_asyn
 
 from app import outbox
 from app.accounts.models import Device
+from app.db import Database
 from app.migrate import upgrade
 from app.notifications.models import OutboxDelivery
-from app.notifications.worker import quiet_until
+from app.notifications.worker import OutboxWorker, quiet_until
 from app.observability import metrics_text
 from app.outbox import OutboxEvent
 from app.settings import Settings
@@ -421,3 +422,23 @@ async def test_a_foreground_socket_means_no_push_and_a_background_one_a_push(
         missed = await say(client, doctor, conversation, "app in the background")
         [push] = await pushes_to(fcm, token, kind="message.new")
         assert push.message["data"] == {"type": "message.new", "ref": missed["id"]}
+
+
+async def test_the_age_of_the_oldest_pending_row_is_a_metric(
+    client: AsyncTestClient[Any], patient: Session, session_maker: Maker,
+) -> None:
+    now = dt.datetime.now(dt.UTC)
+    async with session_maker() as session:  # held for an hour (as quiet hours hold one), written 2 minutes ago
+        session.add(OutboxEvent(type="notice", aggregate_id=uuid.uuid4(), recipients=[str(patient.id)],
+                                payload={"kind": "conclusion_ready"}, created_at=now - dt.timedelta(minutes=2),
+                                next_attempt_at=now + dt.timedelta(hours=1)))
+        await session.commit()
+    running_worker = client.app.state.outbox_worker  # its database lives on the app's loop: a worker on this one
+    database = Database(running_worker.settings)
+    try:
+        await OutboxWorker(database, running_worker.settings, running_worker.sender, running_worker.sms,
+                           running_worker.presence).measure()
+    finally:
+        await database.dispose()
+    line = next(x for x in metrics_text().decode().splitlines() if x.startswith("clinic_outbox_oldest_pending_seconds"))
+    assert float(line.split()[-1]) >= 120

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import uuid
 from typing import Any
@@ -85,3 +86,55 @@ async def test_a_database_that_cannot_be_reached_is_unavailable(test_settings: S
         assert refused.value.extra["reason"] == "database_unavailable"
     finally:
         await db.dispose()
+
+
+PID = select(func.pg_backend_pid().label("pid"))
+SLOW_PID = select(func.pg_backend_pid().label("pid"), func.pg_sleep(bindparam("s")).label("slept"))
+
+
+@pytest.fixture
+async def two_readers(test_settings: Settings) -> Any:
+    db = Database(msgspec.structs.replace(test_settings, db_read_pool_size=2))
+    if not db.reads.postgres:
+        await db.dispose()
+        pytest.skip("the read connections are asyncpg's: PostgreSQL only")
+    try:
+        yield db
+    finally:
+        await db.dispose()
+
+
+async def test_reads_share_no_more_connections_than_the_pool_size(two_readers: Database) -> None:
+    rows = await asyncio.gather(*(two_readers.reads.one(SLOW_PID, s=0.02) for _ in range(20)))
+    assert len({r["pid"] for r in rows if r is not None}) == 2  # all 20 answered, on two connections
+
+
+async def test_a_read_cancelled_in_line_or_mid_statement_leaves_the_connections_usable(two_readers: Database) -> None:
+    reads = two_readers.reads
+    busy = [asyncio.create_task(reads.one(SLOW_PID, s=0.5)) for _ in range(2)]
+    await asyncio.sleep(0.1)
+    in_line = asyncio.create_task(reads.one(PID))
+    await asyncio.sleep(0.05)
+    in_line.cancel()  # waiting for a connection
+    busy[0].cancel()  # its statement is running on the server
+    for task in (in_line, busy[0]):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert (await busy[1]) is not None
+    pids = {r["pid"] for r in await asyncio.gather(*(reads.one(SLOW_PID, s=0.02) for _ in range(6))) if r}
+    assert len(pids) == 2  # both connections serve again: none leaked, none lost
+
+
+async def test_a_connection_the_server_ended_is_replaced(two_readers: Database, test_settings: Settings) -> None:
+    reads = two_readers.reads
+    first = await reads.one(PID)
+    assert first is not None
+    killer = Database(test_settings)
+    try:
+        await killer.reads.one(select(func.pg_terminate_backend(bindparam("pid"))), pid=first["pid"])
+    finally:
+        await killer.dispose()
+    await asyncio.sleep(0.2)  # the client sees the socket close
+    again = await reads.one(PID)
+    assert again is not None
+    assert again["pid"] != first["pid"]

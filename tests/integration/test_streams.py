@@ -6,6 +6,8 @@ import asyncio
 import json
 import uuid
 
+from prometheus_client import REGISTRY
+
 from app.chat import streams
 from app.chat.gateway import Resume, forward
 from app.chat.hub import Connection, Hub
@@ -91,11 +93,15 @@ async def test_a_late_resume_sends_only_what_the_socket_never_had(test_settings:
     connection.last_seq = connection.started_at = 2
     connection.ready.set()
     sender = asyncio.create_task(forward(socket, connection, database))  # type: ignore[arg-type]
+    sent_before = REGISTRY.get_sample_value("clinic_websocket_events_sent_total") or 0
+    resumes_before = REGISTRY.get_sample_value("clinic_websocket_resumes_total") or 0
     connection.offer(events[2])
     connection.offer(events[3])
     assert await sent_ids(socket, 2) == ["3", "4"]
     connection.offer(Resume(0))
     assert await sent_ids(socket, 4) == ["3", "4", "1", "2"]  # once each; the older ones necessarily later
+    assert REGISTRY.get_sample_value("clinic_websocket_events_sent_total") == sent_before + 4
+    assert REGISTRY.get_sample_value("clinic_websocket_resumes_total") == resumes_before + 1
     sender.cancel()
     await database.dispose()
 

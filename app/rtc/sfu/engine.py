@@ -309,7 +309,7 @@ class Sfu:  # INTERFACE
                 preferences.append(RTCRtpCodecCapability(mimeType="video/rtx", clockRate=90000))
             transceiver.setCodecPreferences(preferences)
             self._hook(room, participant, transceiver)
-        bind_host_candidates(pc, self.addresses, self.ports)
+        bind_host_candidates(pc, self.addresses, self.ports, self.settings.rtc_udp_rcvbuf_bytes)
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             await pc.setLocalDescription(await pc.createAnswer())

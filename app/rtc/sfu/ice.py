@@ -17,8 +17,10 @@ import asyncio
 import contextlib
 import errno
 import ipaddress
+import logging
 import random
 import socket
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -28,7 +30,8 @@ from aiortc import RTCPeerConnection
 
 from app.errors import Invalid, Unavailable
 
-_UDP_RCVBUF = 1024 * 1024  # as aioice sets it: a burst of a keyframe's packets must not overflow the socket
+log = logging.getLogger("app.rtc.sfu")
+_capped_warned = False
 
 
 class MediaProtocol(aioice.ice.StunProtocol):
@@ -89,9 +92,25 @@ def parse_ports(value: str) -> range | None:
     return range(first, last + 1)
 
 
-def bind_udp(address: str, ports: range | None) -> socket.socket:
+def set_receive_buffer(sock: socket.socket, size: int) -> int:
+    """Ask for a `size`-byte receive buffer (RTC_UDP_RCVBUF_BYTES; 0 leaves the system's default) and return what
+    the kernel applied: Linux doubles the value for its bookkeeping and caps it at net.core.rmem_max, which is
+    logged once so an operator can raise it."""
+    global _capped_warned
+    if size > 0:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    applied = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    if size > 0 and applied < size * (2 if sys.platform == "linux" else 1) and not _capped_warned:
+        _capped_warned = True
+        log.warning("the SFU's UDP receive buffer is capped below RTC_UDP_RCVBUF_BYTES; raise net.core.rmem_max",
+                    extra={"wanted": size, "applied": applied})
+    return applied
+
+
+def bind_udp(address: str, ports: range | None, rcvbuf: int = 0) -> socket.socket:
     """A UDP socket bound to address, on a free port of the range (tried from a random point, so concurrent
-    connections rarely collide) or an ephemeral one."""
+    connections rarely collide) or an ephemeral one, with a `rcvbuf`-byte receive buffer (0: the default)."""
     family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
     candidates: Sequence[int] = [0]
     if ports is not None:
@@ -107,15 +126,16 @@ def bind_udp(address: str, ports: range | None) -> socket.socket:
                 continue
             raise
         sock.setblocking(False)
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _UDP_RCVBUF)
+        set_receive_buffer(sock, rcvbuf)
         return sock
     raise PortsExhausted(f"no free UDP port in RTC_UDP_PORTS {ports.start}-{ports.stop - 1}")  # type: ignore[union-attr]
 
 
-def bind_host_candidates(pc: RTCPeerConnection, addresses: Sequence[str], ports: range | None) -> None:
-    """Make pc offer exactly these host candidates (empty: aioice's own list), bound in the port range. Call it
-    after the transceivers exist and before setLocalDescription (which gathers)."""
+def bind_host_candidates(pc: RTCPeerConnection, addresses: Sequence[str], ports: range | None,
+                         rcvbuf: int = 0) -> None:
+    """Make pc offer exactly these host candidates (empty: aioice's own list), bound in the port range, each
+    socket with a `rcvbuf`-byte receive buffer. Call it after the transceivers exist and before
+    setLocalDescription (which gathers)."""
     seen: set[int] = set()
     for transceiver in pc.getTransceivers():
         gatherer = transceiver.receiver.transport.transport.iceGatherer
@@ -123,10 +143,11 @@ def bind_host_candidates(pc: RTCPeerConnection, addresses: Sequence[str], ports:
         if id(connection) in seen:
             continue
         seen.add(id(connection))
-        _restrict(connection, tuple(addresses), ports)
+        _restrict(connection, tuple(addresses), ports, rcvbuf)
 
 
-def _restrict(connection: aioice.ice.Connection, configured: tuple[str, ...], ports: range | None) -> None:
+def _restrict(connection: aioice.ice.Connection, configured: tuple[str, ...], ports: range | None,
+              rcvbuf: int) -> None:
     # aioice's signature (`timeout` is for STUN/TURN, which the SFU's own host candidates never use); `addresses`
     # is its process-wide list, used only when none is configured
     async def get_component_candidates(component: int, addresses: list[str],
@@ -136,7 +157,7 @@ def _restrict(connection: aioice.ice.Connection, configured: tuple[str, ...], po
         protocols: list[MediaProtocol] = []
         try:
             for address in configured or tuple(addresses):
-                sock = bind_udp(address, ports)
+                sock = bind_udp(address, ports, rcvbuf)
                 try:
                     _, protocol = await loop.create_datagram_endpoint(
                         lambda: MediaProtocol(connection), sock=sock)
