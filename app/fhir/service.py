@@ -45,7 +45,7 @@ from app.fhir.search import (
 from app.scheduling import reads as slot_reads
 from app.scheduling.models import Schedule
 from app.services import accounts_for, consultations_for, documents_for
-from app.timeparams import zone
+from app.timeparams import MAX_RANGE, zone
 
 VISIT_COLUMNS = ("id", "patient_id", "specialist_id", "slot_id", "specialty", "starts_at", "ends_at", "format",
                  "status", "started_at", "completed_at")
@@ -217,6 +217,9 @@ def _window(bounds: Sequence[DateBound]) -> tuple[dt.datetime, dt.datetime]:
     return start, min(ends) if ends else start + dt.timedelta(days=SLOT_DAYS)
 
 
+SLOT_STATUSES = frozenset({"busy", "free", "busy-unavailable", "busy-tentative", "entered-in-error"})  # FHIR's
+
+
 async def _slots(request: Request[Viewer, Any, Any], session: AsyncSession, wanted: Search) -> Page:
     value = wanted.one("schedule")
     if value is None:
@@ -225,9 +228,14 @@ async def _slots(request: Request[Viewer, Any, Any], session: AsyncSession, want
     if schedule is None:
         return [], 0, None
     statuses = [code for v in wanted.params.get("status", []) for code in v.split(",")]
+    if unknown := sorted(set(statuses) - SLOT_STATUSES):
+        raise BadSearch(f"unknown status: {', '.join(unknown)} (known: {', '.join(sorted(SLOT_STATUSES))})",
+                        "status_invalid")
     if statuses and "free" not in statuses:
         return [], 0, None  # only free slots are published (as in REST)
     start, end = _window(date_bounds(wanted.params.get("start", []), _zone(request)))
+    if end - start > MAX_RANGE:  # as the REST slot search: a bounded read
+        raise BadSearch(f"a Slot search spans at most {MAX_RANGE.days} days", "range_too_long")
     try:
         free = await slot_reads.free_slots(request.app.state.database.reads, schedule.specialist_id, start, end)
     except NotVisible:  # the schedule's owner is no longer a specialist

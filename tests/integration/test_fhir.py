@@ -321,6 +321,9 @@ async def test_practitioners_roles_schedules_and_free_slots(client: AsyncTestCli
     assert ids(await fhir_get(client, patient, "/Slot", schedule=f"Schedule/{schedule['id']}",
                               status="busy")) == set()
     await fhir_get(client, patient, "/Slot", 400)  # a slot search names its schedule
+    on = f"Schedule/{schedule['id']}"
+    await fhir_get(client, patient, "/Slot", 400, schedule=on, status="bogus")  # a status FHIR does not know
+    await fhir_get(client, patient, "/Slot", 400, schedule=on, start=["ge2030-01-01", "lt2031-01-01"])  # > 93 days
 
 
 async def test_date_bounds_are_one_range_however_written_and_impossible_years_are_400(
