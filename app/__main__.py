@@ -69,6 +69,7 @@ def serve(settings: Settings) -> None:
                 # uvicorn would believe X-Forwarded-For from 127.0.0.1; app/clientaddr.py alone decides whom to
                 # believe (TRUSTED_PROXIES), so a local peer cannot pick the address the OTP limits count
                 proxy_headers=False,
+                http="app.http_head:BoundedHead",  # httptools with a bound on a request's headers (431 past it)
                 # the websockets implementation refuses a larger client message with 1009 from its header,
                 # before reading it (uvicorn's default lets each socket buffer 16 MB)
                 ws="websockets-sansio", ws_max_size=settings.ws_max_frame_bytes)

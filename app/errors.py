@@ -6,9 +6,12 @@ import logging
 import re
 from typing import Any, ClassVar
 
+import asyncpg
+import botocore.exceptions
+import redis.exceptions
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, SerializationException, ValidationException
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 log = logging.getLogger("app.errors")
 
@@ -66,6 +69,48 @@ class TooMany(DomainError):
 class Unavailable(DomainError):
     status_code = 503
     default_reason = "unavailable"
+    retry_after = "2"  # seconds: a restarting service is back in a few, and clients must not hammer it meanwhile
+
+    def __init__(self, detail: str, reason: str | None = None, **extra: Any) -> None:
+        super().__init__(detail, reason, **extra)
+        self.headers = {"Retry-After": self.retry_after}
+
+
+# A service the API needs is down or restarting: 503 with Retry-After and the service's reason, never a 500.
+# Found anywhere in the exception's chain (SQLAlchemy wraps the driver's error, a pool may raise the OS's).
+_DOWN: tuple[tuple[type[BaseException], str], ...] = (
+    (asyncpg.QueryCanceledError, "database_slow"),  # statement_timeout: the database is overloaded
+    (asyncpg.PostgresConnectionError, "database_unavailable"),  # refused, dropped mid-statement
+    (asyncpg.exceptions.OperatorInterventionError, "database_unavailable"),  # shutting down, starting up
+    (asyncpg.InterfaceError, "database_unavailable"),  # "connection is closed"
+    (redis.exceptions.ConnectionError, "redis_unavailable"),
+    (redis.exceptions.TimeoutError, "redis_unavailable"),
+    (botocore.exceptions.ConnectionError, "storage_unavailable"),  # endpoint unreachable, connect timeout
+    (botocore.exceptions.HTTPClientError, "storage_unavailable"),  # connection closed, read timeout
+)
+_DETAILS = {"database_slow": "the database is slow to answer, try again",
+            "database_unavailable": "the database is not reachable, try again",
+            "redis_unavailable": "a service the API needs (Redis) is not reachable, try again",
+            "storage_unavailable": "the document storage is not reachable, try again"}
+
+
+def unavailable_reason(exc: BaseException) -> str | None:
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        for kind, reason in _DOWN:
+            if isinstance(err, kind):
+                return reason
+        if isinstance(err, DBAPIError) and err.connection_invalidated:
+            return "database_unavailable"
+        if isinstance(err, (ConnectionRefusedError, ConnectionResetError)):  # a pool connecting to a service
+            return "unavailable"
+        todo += [err.__cause__, err.__context__, getattr(err, "orig", None)]
+    return None
 
 
 # Reasons for refusals the framework raises before our code runs (routing, guards, body size).
@@ -152,9 +197,14 @@ def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[
         code, detail, extra = 409, "conflicting change, try again", {"reason": "conflict"}
     elif isinstance(exc, OperationalError) and "locked" in str(exc.orig):  # SQLite: another writer held on
         code, detail, extra, headers = 503, "busy, try again", {"reason": "busy"}, {"Retry-After": "1"}
+    elif (down := unavailable_reason(exc)) is not None:
+        code, extra, headers = 503, {"reason": down}, {"Retry-After": Unavailable.retry_after}
+        detail = _DETAILS.get(down, "a service the API needs is not reachable, try again")
+        log.warning("a backing service is down", extra={"path": request.url.path, "reason": down,
+                                                        "error": type(exc).__name__})
     else:
         code, detail, extra = 500, "internal error", {}
-    if code >= 500:
+    if code >= 500 and code != 503:  # a 503 is a known state (logged above or by its raiser), not a defect
         log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
     return Response(
         {"status_code": code, "detail": detail, "extra": extra}, status_code=code, headers=headers

@@ -28,6 +28,8 @@ from app.accounts.tokens import TokenIssuer
 from app.audit.controllers import AuditController
 from app.audit.service import AuditLog
 from app.auth import InProcessTickets, RedisTickets, TokenAuthMiddleware
+from app.body_timeouts import body_timeouts
+from app.cabinet.page import CABINET_ROUTES
 from app.chat.controllers import ChatController
 from app.chat.gateway import realtime, socket_ticket
 from app.chat.hub import Bus, Hub, InProcessBus, InProcessPresence, RedisBus, RedisPresence
@@ -239,6 +241,7 @@ def create_app(settings: Settings) -> Litestar:
                         InboxController, OutboxController, realtime, socket_ticket,
                         StartController, CallController, list_ice_servers,
                         *PAGE_ROUTES,  # the browser call client (public: it holds no data)
+                        *CABINET_ROUTES,  # the web cabinet, which loads the call client (public too)
                         *upload_routes(settings),
                         list_documents,  # after the uploads' controller on its path (one OPTIONS handler)
                         fhir_router,  # the FHIR R4 read API (app/fhir)
@@ -247,6 +250,7 @@ def create_app(settings: Settings) -> Litestar:
         lifespan=[backing_services],
         middleware=[
             request_id_middleware(settings.log_requests),
+            body_timeouts(settings.body_idle_seconds, settings.body_seconds, settings.max_body_bytes),
             DefineMiddleware(TokenAuthMiddleware, exclude=SERVICE_PATHS),
         ],
         exception_handlers={DomainError: error_response, HTTPException: error_response,

@@ -19,6 +19,9 @@ from typing import Any
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 _SANE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -158,6 +161,26 @@ class _Series:
 
 
 SERIES = _Series()
+_AFTER_COMMIT = "metrics_after_commit"
+
+
+def count_after_commit(session: AsyncSession | Session, count: Callable[[], None]) -> None:
+    """Run `count` (cheap: a metric's inc or observe) once the session's transaction commits, never when it rolls
+    back: a change is counted when it happened, also when the request's own commit comes after the service."""
+    session.info.setdefault(_AFTER_COMMIT, []).append(count)
+
+
+@event.listens_for(Session, "after_commit")
+def _count_committed(session: Session) -> None:
+    if session.in_nested_transaction():  # a savepoint released: the transaction itself may still roll back
+        return
+    for count in session.info.pop(_AFTER_COMMIT, ()):
+        count()
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_rolled_back(session: Session) -> None:
+    session.info.pop(_AFTER_COMMIT, None)  # a savepoint's rollback too: rather uncounted than counted wrongly
 
 
 def metrics_text() -> bytes:

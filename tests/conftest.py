@@ -100,6 +100,14 @@ async def fresh_database_url(tmp: Path, name: str) -> str:
     return await create_database(name) if POSTGRES else f"sqlite+aiosqlite:///{tmp / (name + '.db')}"
 
 
+async def migrated_database_url(tmp: Path, prefix: str) -> str:
+    """A database of the caller's own (PostgreSQL on the harness, else SQLite under `tmp`), migrated to head:
+    for a module or test whose outbox, workers or rows no other test may share."""
+    url = await fresh_database_url(tmp, f"{prefix}_{secrets.token_hex(4)}")
+    await asyncio.to_thread(upgrade, url)
+    return url
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("data")
@@ -107,9 +115,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 async def database_url(data_dir: Path) -> str:
-    url = await fresh_database_url(data_dir, f"clinic_{secrets.token_hex(4)}")
-    await asyncio.to_thread(upgrade, url)
-    return url
+    return await migrated_database_url(data_dir, "clinic")
 
 
 @pytest.fixture(scope="session")

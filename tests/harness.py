@@ -66,15 +66,25 @@ def postgres(root: Path) -> Iterator[str]:
     subprocess.run(_as_postgres([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", f"--pwfile={pwfile}",
                                  "--auth-host=scram-sha-256", "--auth-local=trust", "--no-sync"]),
                    check=True, stdout=subprocess.DEVNULL)
-    options = (f"-c listen_addresses=127.0.0.1 -p {port} -k {data} -c fsync=off -c synchronous_commit=off "
-               "-c full_page_writes=off -c max_connections=300")
-    subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(data / "log"), "-w",
-                                 "start", "-o", options]), check=True, stdout=subprocess.DEVNULL)
+    pg_start(data, port)
     try:
         yield f"postgresql+asyncpg://postgres:{PG_PASSWORD}@127.0.0.1:{port}"
     finally:
-        subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
-                       stdout=subprocess.DEVNULL, check=False)
+        pg_stop(data, "immediate")
+
+
+def pg_start(data: Path, port: int) -> None:
+    """Start (or start again) the cluster in `data` on `port`, and wait until it takes connections."""
+    options = (f"-c listen_addresses=127.0.0.1 -p {port} -k {data} -c fsync=off -c synchronous_commit=off "
+               "-c full_page_writes=off -c max_connections=300")
+    subprocess.run(_as_postgres([str(_pg_bin() / "pg_ctl"), "-D", str(data), "-l", str(data / "log"), "-w",
+                                 "start", "-o", options]), check=True, stdout=subprocess.DEVNULL)
+
+
+def pg_stop(data: Path, mode: str = "fast") -> None:
+    """Stop the cluster in `data`: "fast" ends every session as an administrator's shutdown does."""
+    subprocess.run(_as_postgres([str(_pg_bin() / "pg_ctl"), "-D", str(data), "-m", mode, "-w", "stop"]),
+                   stdout=subprocess.DEVNULL, check=False)
 
 
 @contextlib.contextmanager
@@ -94,11 +104,12 @@ def _process(cmd: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
 
 
 @contextlib.contextmanager
-def redis(root: Path) -> Iterator[str]:
+def redis(root: Path, port: int | None = None) -> Iterator[str]:
+    """A Redis on `port` (a free one by default: give the same one to start it again after it was stopped)."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server not found: apt-get install redis-server")
-    port = free_port()
+    port = port or free_port()
     cmd = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
            "--daemonize", "no", "--dir", str(root)]
     with _process(cmd, root / "redis.log"):

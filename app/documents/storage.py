@@ -109,11 +109,14 @@ class ObjectStore(Protocol):
 
 # --- Content-Disposition ------------------------------------------------------------------------------------------
 
-_UNSAFE = re.compile(r'[\x00-\x1f\x7f"\\/:*?<>|;]')
+# control characters, what a shell or a path reads, and bidirectional controls (an override makes
+# "invoice\u202efdp.exe" read as "invoiceexe.pdf")
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f"\\/:*?<>|;\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]')
 
 
 def safe_filename(name: str) -> str:
-    """The last path component, without control characters, quotes, separators or leading dots; never empty."""
+    """The last path component, without control or bidirectional characters, quotes, separators or leading dots;
+    never empty."""
     name = re.split(r"[\\/]", name)[-1]
     name = _UNSAFE.sub("_", name).strip().lstrip(".").strip()
     return name[:200] or "document"

@@ -22,6 +22,7 @@ from app.documents.schemas import CreatedOut, DocumentIn, DocumentOut, UploadOut
 from app.documents.storage import LocalDiskStore, content_disposition, final_key_of
 from app.documents.uploads import UploadService
 from app.errors import Conflict, Forbidden, NotVisible
+from app.links import public_base
 from app.services import documents_for
 from app.settings import Settings
 
@@ -36,7 +37,7 @@ async def provide_uploads(db_session: NamedDependency[AsyncSession], state: Stat
 
 def origin(request: Request[Any, Any, Any]) -> str:
     """The app's own base URL, where the local store's signed URLs point."""
-    return str(request.base_url).rstrip("/")
+    return public_base(request)
 
 
 class DocumentUploadController(Controller):

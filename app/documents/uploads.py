@@ -15,6 +15,7 @@ from uuid import UUID
 
 import msgspec
 from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
+from prometheus_client import Counter
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -28,6 +29,7 @@ from app.documents.schemas import DocumentIn
 from app.documents.service import DocumentService
 from app.documents.storage import STORE_ERRORS, ObjectStore, ObjectWriter, new_key, safe_filename, upload_key
 from app.errors import Conflict, DomainError, Invalid, NotVisible
+from app.observability import count_after_commit
 from app.settings import Settings
 
 log = logging.getLogger("app.documents")
@@ -35,6 +37,30 @@ SCAN_CHUNK = 1024 * 1024  # a stored PDF is read back in chunks of this size to 
 FIELD_MAX = 1024  # a form field besides the file (ids, kind, filename...) is short
 FIELDS = frozenset({"patient_id", "kind", "filename", "content_type", "size", "consultation_id"})
 EXPIRED = "upload_expired"
+PRESIGNED, DIRECT = "presigned", "direct"  # the `path` label: PUT to a URL then complete, or the streamed form
+
+UPLOADED_BYTES = Counter("clinic_document_upload_bytes_total", "Bytes of uploads accepted (documents ready)",
+                         ["path"])
+UPLOADS = Counter("clinic_document_uploads_total", "Uploads accepted (documents ready)", ["path"])
+REJECTED = Counter("clinic_document_uploads_rejected_total",
+                   "Uploads refused for their file, by the reason answered (too_large, type_mismatch, ...)",
+                   ["path", "reason"])
+DOWNLOAD_URLS = Counter("clinic_document_download_urls_total", "Download URLs issued")
+for _path in (PRESIGNED, DIRECT):  # from zero, so a rate over them exists before the first upload
+    UPLOADED_BYTES.labels(_path)
+    UPLOADS.labels(_path)
+
+
+def accepted(session: AsyncSession, path: str, size: int) -> None:
+    """Counted once the ready document is committed (the request's commit, after the service)."""
+    def count() -> None:
+        UPLOADS.labels(path).inc()
+        UPLOADED_BYTES.labels(path).inc(size)
+    count_after_commit(session, count)
+
+
+def rejected(path: str, refused: DomainError) -> None:
+    REJECTED.labels(path, str(refused.extra["reason"])).inc()
 
 
 class DirectIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -92,7 +118,11 @@ class UploadService:
 
     async def create(self, viewer: Viewer, data: DocumentIn, origin: str) -> tuple[Document, str, dict[str, str]]:
         """A pending document and the URL its bytes go to (bound to the declared type and size)."""
-        role = await self._permit(viewer, data)
+        try:
+            role = await self._permit(viewer, data)
+        except (TooLarge, NotAllowed) as refused:
+            rejected(PRESIGNED, refused)
+            raise
         document = self._new(viewer, data, role)
         await self.session.flush()
         # the URL writes the upload key, never the final one the document is served from (storage.upload_key)
@@ -144,6 +174,7 @@ class UploadService:
         if document.status == "rejected":
             raise refusal(document.reject_reason or EXPIRED)
         await self.documents.became_ready(document)
+        accepted(self.session, PRESIGNED, size)
         return document
 
     async def _reject(self, document: Document, reason: str) -> None:
@@ -157,6 +188,7 @@ class UploadService:
             await session.commit()
         if claimed.rowcount != 1:  # type: ignore[attr-defined]
             return
+        REJECTED.labels(PRESIGNED, reason).inc()  # this complete decided it: counted once
         await drop_objects(self.store, document.storage_key, document.id, "deleting a rejected upload failed")
 
     # --- direct (streamed) upload ------------------------------------------------------------------------------
@@ -185,6 +217,10 @@ class UploadService:
         except MultipartError as exc:
             await upload.abort()
             raise Invalid("the multipart body is malformed", "multipart_malformed") from exc
+        except (TooLarge, NotAllowed) as refused:
+            rejected(DIRECT, refused)
+            await upload.abort()
+            raise
         except BaseException:
             await upload.abort()
             raise
@@ -197,7 +233,9 @@ class UploadService:
         if document.status != "ready":
             raise Conflict("the document is not ready", "not_ready")
         audit.read("document.download", "document", document.id, document.patient_id, own=not is_staff(viewer))
-        return await self.store.presign_get(document.storage_key, document.filename, document.content_type, origin)
+        url = await self.store.presign_get(document.storage_key, document.filename, document.content_type, origin)
+        DOWNLOAD_URLS.inc()
+        return url
 
 
 class DirectUpload:
@@ -325,6 +363,7 @@ class DirectUpload:
                 storing.exception()  # retrieved: the database's error is the one raised
             raise
         await storing
+        accepted(uploads.session, DIRECT, self.writer.written)
         return document
 
     async def abort(self) -> None:
@@ -360,6 +399,7 @@ async def expire_pending(database: Database, store: ObjectStore, older_than: dt.
             await session.commit()
         if claimed.rowcount == 1:  # type: ignore[attr-defined]
             expired += 1
+            REJECTED.labels(PRESIGNED, EXPIRED).inc()
             await drop_objects(store, key, document_id, "deleting an expired upload failed")
     return expired
 

@@ -22,6 +22,7 @@ from app.access import PUBLIC, Viewer
 from app.errors import DomainError, error_response
 from app.fhir import capability, resources, service
 from app.fhir.search import parse
+from app.links import public_base
 
 FHIR_JSON = "application/fhir+json"
 FHIR_OK = {200: ResponseSpec(dict[str, Any], media_type=FHIR_JSON, description="A FHIR R4 resource or Bundle")}
@@ -54,7 +55,7 @@ def _query(request: Request[Any, Any, Any]) -> dict[str, list[str]]:
 
 def _bases(request: Request[Any, Any, Any]) -> tuple[str, str]:
     """The app's own base URL (for download links) and the FHIR base (for references and paging links)."""
-    app_base = str(request.base_url).rstrip("/")
+    app_base = public_base(request)
     return app_base, app_base + BASE_PATH
 
 

@@ -37,6 +37,7 @@ from redis.exceptions import RedisError
 
 from app.errors import Conflict, DomainError, Invalid, Unavailable
 from app.rtc.sfu.engine import RoomFull, Sfu
+from app.rtc.sfu.metrics import SFU_METRICS
 from app.settings import Settings
 from app.tasks import cancel_until_done
 
@@ -292,6 +293,7 @@ class LocalDirectory(_Judge):
     def __init__(self, sfu: Sfu, owned: bool, redis: Redis | None = None, heartbeat: float = 1.0) -> None:
         self.sfu, self.owned = sfu, owned
         self.name = self.own = local_node_name()
+        SFU_METRICS.watch(sfu, self.name)  # served with the API process's metrics
         self.redis, self.heartbeat = redis, heartbeat
         self.missing = Missing(heartbeat * HEARTBEAT_LIVES)
         self.beating: asyncio.Task[None] | None = None
@@ -345,6 +347,7 @@ class LocalDirectory(_Judge):
                     await asyncio.wait_for(deregister(self.redis, self.name), 5.0)
                 except (RedisError, OSError, TimeoutError, msgspec.DecodeError) as exc:  # it expires by itself
                     log.warning("in-process SFU deregistration failed", extra={"error": repr(exc)})
+        SFU_METRICS.unwatch(self.sfu)
         if self.owned:
             await self.sfu.close()
 

@@ -14,11 +14,14 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -35,6 +38,7 @@ from app.consultations.schemas import Format, Status
 from app.consultations.service import CALLABLE, ConsultationService, callable_now
 from app.db import Database
 from app.errors import Conflict, DomainError, Forbidden, Invalid, NotVisible, Unavailable
+from app.observability import count_after_commit
 from app.rtc.models import Call
 from app.rtc.schemas import CallState, DeliveredVia, EndReason
 from app.settings import Settings
@@ -48,6 +52,61 @@ LIVE_STATES = (CallState.RINGING.value, CallState.ACTIVE.value)
 MISSED_TEXT = "Пропущенный звонок"  # the chat's system message (the clinic speaks Russian): no name, no content
 SWEEP_SECONDS = 60.0  # this often the keeper ends the live calls of consultations that are over
 Room = tuple[str, str]  # (node, room id): what closing a call's media needs
+
+STARTED = Counter("clinic_calls_started_total", "Calls started (ringing), on this process")
+ENDED = Counter("clinic_calls_ended_total", "Calls ended, by end_reason, on this process", ["end_reason"])
+for _reason in EndReason:
+    ENDED.labels(_reason.value)  # every reason from zero, so a rate over it exists before its first call
+# start to answer: what the state machine records (created_at → started_at); a call rings CALL_RING_SECONDS at most
+SETUP = Histogram("clinic_call_setup_seconds", "From a call's start to its answer by the patient's side",
+                  buckets=(1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0))
+
+
+class LiveCalls(Collector):
+    """`clinic_calls_live{state}`: the clinic's ringing and active calls, whichever API process holds them.
+
+    Counted by the statement the keeper's node watch runs anyway every CALL_NODE_CHECK_SECONDS (the live calls'
+    nodes, grouped by state too): no statement is added, no call path waits on it, a scrape never waits on the
+    database, and the figure is the database's, so every API process reports the same one, at most a check old
+    (aggregate with max, not sum). A gauge each process moved as its own calls start and end would be its share
+    only, and wrong whenever another process's keeper ends one. Not known (the read failed, the keeper stopped):
+    no series, rather than a stale figure. A process runs one keeper; where several run in one process (apps of a
+    test on databases of their own), the one started last is counted."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] | None = None
+        self.keepers: list[CallKeeper] = []  # running, in the order they started
+
+    def started(self, keeper: CallKeeper) -> None:
+        self.keepers.append(keeper)
+
+    def stopped(self, keeper: CallKeeper) -> None:
+        if keeper in self.keepers:
+            self.keepers.remove(keeper)
+        self.counts = None  # until the keeper counted now (if any) reads its own
+
+    def record(self, keeper: CallKeeper, live: dict[tuple[str, str], int] | None) -> None:
+        if not self.keepers or self.keepers[-1] is not keeper:
+            return
+        self.counts = None if live is None else {
+            state: sum(n for (_, in_state), n in live.items() if in_state == state) for state in LIVE_STATES}
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        family, counts = self._family(), self.counts
+        for state, count in (counts or {}).items():
+            family.add_metric([state], count)
+        yield family
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily("clinic_calls_live", "Calls ringing and active in the clinic (from the database)",
+                                 labels=["state"])
+
+
+LIVE_CALLS = LiveCalls()
+REGISTRY.register(LIVE_CALLS)
 
 
 def utcnow() -> dt.datetime:
@@ -160,6 +219,7 @@ class CallService:
         await streams.append(self.session, self.staged, set(answering), "call.incoming",
                              call_data(call, delivered_via=via.value))
         await self.session.commit()  # the ring timeout reads it from the database: committed before it wakes
+        STARTED.inc()
         self.ringing()
         return Started(call, via)
 
@@ -233,6 +293,8 @@ class CallService:
             if call.state == CallState.RINGING and call.ring_deadline > now:  # ringing still: the consultation ended
                 raise Conflict("the consultation is over", "consultation_over")
             raise Conflict("the call is no longer ringing", "call_not_ringing", state=call.state)
+        setup = (now - call.created_at).total_seconds()
+        count_after_commit(self.session, lambda: SETUP.observe(setup))  # the request's commit comes after
         # to both sides: the specialist learns it was answered, the patient's other devices stop ringing
         await streams.append(self.session, self.staged, party.people, "call.accepted", call_data(call))
         return call
@@ -272,6 +334,7 @@ class CallService:
         events.append((party.people, "call.ended", call_data(call)))
         await streams.append_many(self.session, self.staged, events)
         await self.session.commit()  # the room is closed once the end is stored
+        ENDED.labels(call.end_reason).inc()
         await self.close_rooms([call])
 
     async def close_rooms(self, calls: Sequence[Call]) -> None:
@@ -382,10 +445,12 @@ class CallService:
             (parties[call.conversation_id].people, "call.ended", call_data(call)) for call in calls
             if call.conversation_id in parties])
 
-    async def call_nodes(self) -> set[str]:
-        """The nodes holding live calls' rooms (the partial index on live calls' nodes answers it)."""
-        return set((await self.session.scalars(select(Call.node).where(Call.state.in_(LIVE_STATES))
-                                               .distinct())).all())
+    async def live_calls(self) -> dict[tuple[str, str], int]:
+        """The live calls by (node, state): the nodes holding their rooms and the live-calls gauge in one read (the
+        partial index on live calls' nodes finds them)."""
+        rows = await self.session.execute(select(Call.node, Call.state, func.count())
+                                          .where(Call.state.in_(LIVE_STATES)).group_by(Call.node, Call.state))
+        return {(node, state): count for node, state, count in rows.all()}
 
     async def candidate(self, viewer: Viewer, call_id: UUID, line: str | None) -> None:
         """A participant's trickled ICE candidate (None: no more), passed to the room's node; the same checks as
@@ -451,9 +516,11 @@ class CallKeeper:
     async def run(self) -> None:
         """Until `stop`: a pass under way is finished, never cut off mid-transaction; then the rooms being closed."""
         self._loop = asyncio.get_running_loop()
+        LIVE_CALLS.started(self)
         try:
             await asyncio.gather(self._ring(), self._watch_nodes())
         finally:
+            LIVE_CALLS.stopped(self)
             await self.closed()
 
     def stop(self) -> None:
@@ -503,9 +570,16 @@ class CallKeeper:
         return await self._end(lambda calls: calls.expire_missed(utcnow()))
 
     async def fail_gone(self) -> list[Call]:
-        """The live calls on the nodes the directory says are gone end `failed`; if it cannot say, none do."""
-        async with self.database.reader() as session:
-            nodes = await self.services(session).call_nodes()
+        """The live calls on the nodes the directory says are gone end `failed`; if it cannot say, none do. The
+        live calls read here are also the live-calls gauge."""
+        try:
+            async with self.database.reader() as session:
+                live = await self.services(session).live_calls()
+        except BaseException:
+            LIVE_CALLS.record(self, None)
+            raise
+        LIVE_CALLS.record(self, live)
+        nodes = {node for node, _ in live}
         if not nodes:
             return []
         gone = await self.directory.gone(nodes)
@@ -530,5 +604,6 @@ class CallKeeper:
                 await self.bus.publish(staged.encode())
         self.close_later([room_of(call) for call in ended])  # no node holds up the next pass
         for call in ended:
+            ENDED.labels(call.end_reason).inc()
             log.info("call ended", extra={"call_id": str(call.id), "end_reason": call.end_reason})
         return ended

@@ -7,7 +7,6 @@ titles (and for an SMS, the number it is sent to); and no line the app logged me
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 import logging
@@ -26,12 +25,11 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
 from app.accounts.models import Device
-from app.migrate import upgrade
 from app.notifications.models import Reminder
 from app.observability import JsonFormatter, RedactingFilter
 from app.outbox import OutboxEvent
 from app.settings import Settings
-from tests.conftest import Session, fresh_database_url, running
+from tests.conftest import Session, migrated_database_url, running
 from tests.integration import conftest as booking
 from tests.integration.test_outbox_worker import device, eventually, own_settings, stage
 from tests.integration.test_sms_gateway import Gateway
@@ -100,8 +98,7 @@ def gateway() -> Iterator[Gateway]:
 
 @pytest.fixture(scope="module")
 async def database_url(data_dir: Path) -> str:
-    url = await fresh_database_url(data_dir, f"privacy_{secrets.token_hex(4)}")
-    await asyncio.to_thread(upgrade, url)
+    url = await migrated_database_url(data_dir, "privacy")
     return url
 
 

@@ -24,10 +24,9 @@ import pytest
 import websockets
 
 from app.__main__ import create_admin
-from app.migrate import upgrade
 from app.rtc.sfu.ice import loopback_candidates
 from app.settings import Settings
-from tests.conftest import PROFILE, Session, fresh_database_url
+from tests.conftest import PROFILE, Session, migrated_database_url
 from tests.e2e.browser import Peer
 from tests.e2e.conftest import servers
 from tests.e2e.test_calls_multiprocess import WAIT, call_event, frames, offer_through
@@ -49,8 +48,7 @@ def new_phone() -> str:
 @pytest.fixture
 async def own_world(test_settings: Settings, tmp_path: Path) -> Settings:
     """A database and data directory of this test's own: no in-process worker of the suite shares its outbox."""
-    url = await fresh_database_url(tmp_path, f"walk_{secrets.token_hex(4)}")
-    await asyncio.to_thread(upgrade, url)
+    url = await migrated_database_url(tmp_path, "walk")
     return msgspec.structs.replace(test_settings, database_url=url, data_dir=str(tmp_path),
                                    sms_log_path=str(tmp_path / "sms.log"))
 

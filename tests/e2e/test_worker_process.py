@@ -21,10 +21,9 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
 from app.accounts.models import Device, User
-from app.migrate import upgrade
 from app.outbox import OutboxEvent
 from app.settings import Settings
-from tests.conftest import PROFILE, fresh_database_url
+from tests.conftest import PROFILE, migrated_database_url
 from tests.e2e.conftest import ROOT, server_env
 from tests.harness import free_port
 from tests.integration.test_outbox_worker import own_settings
@@ -36,8 +35,7 @@ Maker = async_sessionmaker[AsyncSession]
 @pytest.fixture
 async def world(data_dir: Path, tmp_path: Path) -> AsyncIterator[tuple[Settings, Maker]]:
     """A database of its own (no API worker of the suite's shares it) and a session maker on it."""
-    url = await fresh_database_url(tmp_path, f"workers_{secrets.token_hex(4)}")
-    await asyncio.to_thread(upgrade, url)
+    url = await migrated_database_url(tmp_path, "workers")
     settings = own_settings(data_dir, url)
     engine = create_async_engine(url)
     yield settings, async_sessionmaker(engine, expire_on_commit=False)

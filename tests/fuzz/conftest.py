@@ -3,7 +3,6 @@ role, so it runs on an app and a database of its own: no other test of the run s
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,15 +13,13 @@ import pytest
 from litestar.testing import AsyncTestClient
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
-from app.migrate import upgrade
 from app.settings import Settings
-from tests.conftest import fresh_database_url, running
+from tests.conftest import migrated_database_url, running
 
 
 @pytest.fixture(scope="package")
 async def fuzz_database_url(data_dir: Path) -> str:
-    url = await fresh_database_url(data_dir, f"clinic_fuzz_{secrets.token_hex(4)}")
-    await asyncio.to_thread(upgrade, url)
+    url = await migrated_database_url(data_dir, "clinic_fuzz")
     return url
 
 

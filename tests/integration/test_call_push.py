@@ -18,9 +18,8 @@ import websockets
 from litestar.testing import AsyncTestClient
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
-from app.migrate import upgrade
 from app.settings import Settings
-from tests.conftest import Session, fresh_database_url, running
+from tests.conftest import Session, migrated_database_url, running
 from tests.e2e.test_gateway import nothing_pending, ws_url
 from tests.integration.test_calls import act, online_visit, start
 from tests.integration.test_outbox_worker import device, idle, own_settings, pushes_to, sockets_at, stage, to
@@ -48,8 +47,7 @@ def apns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApnsStandin]:
 
 @pytest.fixture(scope="module")
 async def database_url(data_dir: Path) -> str:
-    url = await fresh_database_url(data_dir, f"calls_{secrets.token_hex(4)}")
-    await asyncio.to_thread(upgrade, url)
+    url = await migrated_database_url(data_dir, "calls")
     return url
 
 

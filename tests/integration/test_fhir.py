@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 from uuid import UUID
 
+import msgspec
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
 from litestar.testing import AsyncTestClient
@@ -19,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.audit.service import AuditLog
 from app.fhir.capability import SUPPORTED
 from app.settings import Settings
-from tests.conftest import Session
+from tests.conftest import Session, running
 from tests.integration.documents_world import Clinic
 
 FHIR_JSON = "application/fhir+json"
@@ -222,6 +223,25 @@ async def test_documents_follow_the_document_mask(client: AsyncTestClient[Any], 
 
 
 # --- consultations: appointments and encounters -----------------------------------------------------
+
+async def test_links_start_at_the_public_base_url_behind_a_proxy(test_settings: Settings, world: World) -> None:
+    """PUBLIC_BASE_URL set (TLS ends at a proxy, which reaches the app over plain HTTP): every link an answer
+    carries starts with it, not with the request's own scheme and host."""
+    public = "https://clinic.example"
+    patient = world["patient"]
+    async with running(msgspec.structs.replace(test_settings, public_base_url=public + "/")) as behind_proxy:
+        page = await fhir_get(behind_proxy, patient, "/Appointment", patient=f"Patient/{patient.id}", _count="1")
+        assert page["link"]
+        assert all(link["url"].startswith(f"{public}{BASE}/") for link in page["link"])
+        assert page["entry"]
+        assert all(e["fullUrl"].startswith(f"{public}{BASE}/") for e in page["entry"])
+        created = await behind_proxy.post("/api/v1/documents", headers=patient.headers, json={
+            "patient_id": str(patient.id), "kind": "analysis", "filename": "a.pdf",
+            "content_type": "application/pdf", "size": 100})
+        assert created.status_code == 201, created.text
+        if not test_settings.s3_endpoint_url:  # the local store's signed URL is the app's own
+            assert created.json()["upload"]["url"].startswith(f"{public}/")
+
 
 async def test_appointments_search_by_patient_date_and_status_and_page(client: AsyncTestClient[Any],
                                                                       world: World) -> None:

@@ -31,13 +31,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_asyn
 from app import outbox
 from app.accounts.models import Device
 from app.db import Database
-from app.migrate import upgrade
 from app.notifications.models import OutboxDelivery
 from app.notifications.worker import OutboxWorker, quiet_until
 from app.observability import metrics_text
 from app.outbox import OutboxEvent
 from app.settings import Settings
-from tests.conftest import Session, fresh_database_url, running
+from tests.conftest import Session, migrated_database_url, running
 from tests.e2e.test_gateway import frames_until, nothing_pending, ws_url
 from tests.harness import free_port
 from tests.standins.fcm import Recorded
@@ -59,8 +58,7 @@ def fcm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FcmFixture]:
 
 @pytest.fixture(scope="module")
 async def database_url(data_dir: Path) -> str:
-    url = await fresh_database_url(data_dir, f"outbox_{secrets.token_hex(4)}")
-    await asyncio.to_thread(upgrade, url)
+    url = await migrated_database_url(data_dir, "outbox")
     return url
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import secrets
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -19,12 +18,11 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
-from app.migrate import upgrade
 from app.notifications import reminders
 from app.notifications.models import Reminder
 from app.outbox import OutboxEvent
 from app.settings import Settings
-from tests.conftest import Session, fresh_database_url, running
+from tests.conftest import Session, migrated_database_url, running
 from tests.integration.test_outbox_worker import device, eventually, idle, own_settings, pushes_to, row_of, stage, to
 from tests.standins.fixtures import FcmFixture
 
@@ -41,8 +39,7 @@ def fcm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FcmFixture]:
 
 @pytest.fixture(scope="module")
 async def database_url(data_dir: Path) -> str:
-    url = await fresh_database_url(data_dir, f"reminders_{secrets.token_hex(4)}")
-    await asyncio.to_thread(upgrade, url)
+    url = await migrated_database_url(data_dir, "reminders")
     return url
 
 

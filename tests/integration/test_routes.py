@@ -41,12 +41,13 @@ async def test_public_routes_are_only_the_login_steps(client: AsyncTestClient[An
     # the login steps, the catalogue a patient or partner browses before signing in, the payment
     # provider's notifications (trusted for nothing: each is checked back with the provider), and the local
     # object store's signed URLs (GET and PUT: the signature is the credential, checked by the store), and the
-    # browser call page with its script and style (static files holding no data: the page signs in itself), and
-    # the FHIR server's CapabilityStatement (what it serves, no data)
+    # browser call page and the web cabinet with their scripts and styles (static files holding no data: the pages
+    # sign in themselves), and the FHIR server's CapabilityStatement (what it serves, no data)
     assert public == ["/api/v1/auth/otp", "/api/v1/auth/refresh", "/api/v1/auth/token",
                       "/api/v1/objects/{key:path}", "/api/v1/objects/{key:path}",
                       "/api/v1/payments/yookassa/notifications", "/api/v1/services",
                       "/api/v1/slots/feed", "/api/v1/specialists", "/api/v1/specialties",
+                      "/cabinet", "/cabinet/cabinet.css", "/cabinet/cabinet.js",
                       "/call", "/call/call.css", "/call/call.js", "/fhir/R4/metadata"]
 
 

@@ -271,7 +271,7 @@ class FcmStandin:
                                 audience=GOOGLE_TOKEN_AUDIENCE, issuer=self.client_email)
         except jwt.InvalidTokenError as exc:
             return 400, {"error": "invalid_grant", "error_description": str(exc)}
-        access = "ya29." + secrets.token_urlsafe(24)
+        access = "ya29." + secrets.token_urlsafe(165)  # about as long as Google's (some 220 characters)
         with self._lock:
             self._access_tokens.add(access)
             self.token_requests.append(claims)

@@ -38,6 +38,7 @@ from aiortc.sdp import SessionDescription, candidate_from_sdp
 from app.errors import Conflict, Invalid
 from app.rtc.sfu.forward import Egress, Ingress, Leg, codec_key, is_rtx
 from app.rtc.sfu.ice import bind_host_candidates, parse_addresses, parse_ports
+from app.rtc.sfu.metrics import Traffic
 from app.settings import Settings
 
 log = logging.getLogger("app.rtc.sfu")
@@ -75,8 +76,18 @@ class SfuLoad(msgspec.Struct):  # INTERFACE: what placement weighs nodes by
     streams: int  # tracks being forwarded right now
 
 
+class Occupancy(msgspec.Struct):
+    """Who is on the engine now (its metrics' gauges)."""
+
+    rooms: int
+    participants: int
+    publishers: int  # participants whose media has reached the engine
+    subscribers: int  # participants the other's media is forwarded to
+    streams: int
+
+
 class _Participant:
-    __slots__ = ("closed", "egress", "ingress", "leg", "pc")
+    __slots__ = ("closed", "egress", "ingress", "leg", "pc", "retired")
 
     def __init__(self, pc: RTCPeerConnection) -> None:
         self.pc = pc
@@ -84,6 +95,7 @@ class _Participant:
         self.ingress: dict[str, Ingress] = {}
         self.egress: dict[str, Egress] = {}
         self.closed = False
+        self.retired = False  # its counts moved to the engine's `departed` (Sfu.traffic)
 
     def leg_of(self, dtls: Any) -> Leg:
         if self.leg is None or self.leg.dtls is not dtls:
@@ -145,6 +157,7 @@ class Sfu:  # INTERFACE
         self._ended: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self._certificate: _Certificate | None = None
+        self.departed = Traffic()  # what the participants that have left counted: the counters never go back
 
     async def offer(self, room_id: str, participant_id: str, sdp: str, type_: str = "offer") -> tuple[str, str]:
         """The participant's offer → our (sdp, "answer"). A participant's second offer (a network change)
@@ -236,6 +249,28 @@ class Sfu:  # INTERFACE
                 participants += 1
                 streams += sum(1 for ingress in participant.ingress.values() if ingress.sink is not None)
         return SfuLoad(rooms=len(self.rooms), participants=participants, streams=streams)
+
+    def traffic(self) -> Traffic:
+        """Everything forwarded and handled so far: the left participants' counts and the present ones'."""
+        total = self.departed.copy()
+        for room in list(self.rooms.values()):
+            for participant in list(room.participants.values()):
+                if not participant.retired:
+                    total.add(participant.ingress.values(), participant.egress.values())
+        return total
+
+    def occupancy(self) -> Occupancy:
+        participants = publishers = subscribers = streams = 0
+        for room in list(self.rooms.values()):
+            for participant in list(room.participants.values()):
+                if participant.closed:
+                    continue
+                participants += 1
+                publishers += any(i.media_ssrc is not None for i in participant.ingress.values())
+                subscribers += any(e.source is not None for e in participant.egress.values())
+                streams += sum(1 for i in participant.ingress.values() if i.sink is not None)
+        return Occupancy(rooms=len(self.rooms), participants=participants, publishers=publishers,
+                         subscribers=subscribers, streams=streams)
 
     def _remember_ended(self, room_id: str) -> None:
         now = time.monotonic()
@@ -382,7 +417,15 @@ class Sfu:  # INTERFACE
                 if not room.participants:
                     self._drop(room)
 
+    def _retire(self, participant: _Participant) -> None:
+        """Its counts join the engine's, in the same step it leaves what `traffic()` reads (no await between):
+        a scrape never sees a counter go back."""
+        if not participant.retired:
+            participant.retired = True
+            self.departed.add(participant.ingress.values(), participant.egress.values())
+
     async def _close_participant(self, room: _Room, participant: _Participant) -> None:
+        self._retire(participant)
         participant.closed = True
         for ingress in participant.ingress.values():
             if ingress.sink is not None and ingress.sink.source is ingress:
@@ -402,5 +445,7 @@ class Sfu:  # INTERFACE
 
     def _drop(self, room: _Room) -> None:
         room.closed = True
+        for participant in room.participants.values():  # closed one by one after this, out of `traffic()`'s sight
+            self._retire(participant)
         if self.rooms.get(room.id) is room:
             del self.rooms[room.id]

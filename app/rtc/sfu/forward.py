@@ -275,6 +275,7 @@ class Ingress:
         self._last_keyframe_request = -KEYFRAME_REQUEST_SECONDS
         self._deferred_keyframe: asyncio.TimerHandle | None = None
         self.keyframe_requests = 0  # PLIs sent upstream
+        self.nacks_sent = 0  # NACKs relayed upstream (what the subscriber's buffer could not answer)
         self.closed = False
         self._remb_bps = 0
         self._remb_at = -REMB_FRESH_SECONDS
@@ -379,7 +380,8 @@ class Ingress:
             return
         nack = RtcpRtpfbPacket(fmt=RTCP_RTPFB_NACK, ssrc=self.rtcp_ssrc, media_ssrc=self.media_ssrc)
         nack.lost = sorted(lost)
-        self.leg.send(bytes(nack))
+        if self.leg.send(bytes(nack)):
+            self.nacks_sent += 1
 
     def relay_remb(self, bitrate: int) -> None:
         self._remb_bps, self._remb_at = bitrate, time.monotonic()
@@ -448,9 +450,12 @@ class Egress:
         self.history: list[_Sent | None] | None = [None] * RETRANSMIT_PACKETS if self.video else None
         self._rtx_seq = int.from_bytes(os.urandom(2), "big") % 32768
         self.source: Ingress | None = None
+        # plain integers read at scrape time (app/rtc/sfu/metrics.py); packets and octets go in our sender reports
         self.packets = 0
         self.octets = 0
-        self.retransmitted = 0
+        self.retransmitted = 0  # packets resent from the buffer in answer to NACKs
+        self.nacks_received = 0
+        self.keyframe_requests_received = 0  # PLIs and FIRs from the subscriber
 
     def attach(self, source: Ingress | None) -> None:
         """Feed from source (None: detach). A video stream then waits for a keyframe again."""
@@ -517,14 +522,15 @@ class Egress:
     async def _handle_rtcp_packet(self, packet: Any) -> None:
         if isinstance(packet, RtcpRtpfbPacket):
             if packet.fmt == RTCP_RTPFB_NACK:
+                self.nacks_received += 1
                 self._answer_nack(packet.lost, _now_ms())
         elif isinstance(packet, RtcpPsfbPacket):
             source = self.source
-            if source is None:
-                return
             if packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR):
-                source.request_keyframe()
-            elif packet.fmt == RTCP_PSFB_APP:
+                self.keyframe_requests_received += 1
+                if source is not None:
+                    source.request_keyframe()
+            elif packet.fmt == RTCP_PSFB_APP and source is not None:
                 try:
                     bitrate, _ = unpack_remb_fci(packet.fci)
                 except ValueError:

@@ -8,6 +8,8 @@ Control interface (every request carries `Authorization: Bearer <SFU_SECRET>`, e
   trickled ICE candidate of the participant's current connection (null: no more); 422 `invalid_candidate`.
 - `DELETE /rooms/{room_id}` → 204 (idempotent).
 - `GET /health` → `{"node", "rooms", "participants", "streams"}`.
+- `GET /metrics` → Prometheus text (app/rtc/sfu/metrics.py): the one route that does not take the SFU secret (a
+  scraper never holds it) but `Authorization: Bearer <METRICS_TOKEN>` when that is set, like METRICS_ADDRESS.
 Errors answer `{"reason", "detail"}`.
 
 Litestar on uvicorn, like the API: the interface is used a few times per call (offers, a close; health probes
@@ -40,9 +42,10 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from app.errors import DomainError, Invalid, NotAuthenticated
-from app.observability import configure_logging
+from app.observability import configure_logging, metrics_allowed, metrics_text
 from app.rtc.placement import AnswerBody, CandidateBody, NodeStatus, OfferBody, deregister, register
 from app.rtc.sfu.engine import Sfu
+from app.rtc.sfu.metrics import SFU_METRICS
 from app.settings import Settings
 from app.tasks import cancel_until_done
 
@@ -113,6 +116,11 @@ async def health(request: Request[Any, Any, Any]) -> NodeStatus:
     return node.status()
 
 
+@get("/metrics", opt={"metrics": True}, media_type="text/plain; version=0.0.4")
+async def metrics() -> Response[bytes]:
+    return Response(metrics_text(), media_type="text/plain; version=0.0.4")
+
+
 def _refusal(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, str]]:
     if isinstance(exc, DomainError):
         code, reason, detail = exc.status_code, str(exc.extra["reason"]), exc.detail
@@ -143,13 +151,19 @@ class Node:
         self.owns_sfu = sfu is None
         self.redis: Redis | None = None
         self.beating: asyncio.Task[None] | None = None
+        SFU_METRICS.watch(self.sfu, self.name)
 
     def status(self) -> NodeStatus:
         load = self.sfu.load()
         return NodeStatus(node=self.name, rooms=load.rooms, participants=load.participants, streams=load.streams)
 
-    def authorize(self, connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-        """Litestar guard: the shared secret, compared in constant time (digests, so not even its length shows)."""
+    def authorize(self, connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+        """Litestar guard: the shared secret, compared in constant time (digests, so not even its length shows);
+        for the metrics, METRICS_TOKEN when set."""
+        if handler.opt.get("metrics"):
+            if not metrics_allowed(connection.headers.get("authorization", ""), self.settings.metrics_token):
+                raise NotAuthenticated("the metrics need METRICS_TOKEN")
+            return
         if not hmac.compare_digest(_digest(connection.headers.get("authorization", "")), self.expected):
             raise NotAuthenticated("this control interface needs the SFU secret")
 
@@ -198,6 +212,7 @@ class Node:
                 log.error("closing the SFU's rooms did not end in time")
         if self.redis is not None:
             await self.redis.aclose()
+        SFU_METRICS.unwatch(self.sfu)
         log.info("SFU node stopped", extra={"node": self.name})
 
 
@@ -213,8 +228,8 @@ def create_node_app(settings: Settings, sfu: Sfu | None = None) -> Litestar:
         finally:
             await node.stop()
 
-    app = Litestar(route_handlers=[offer, candidate, close_room, health], guards=[node.authorize], lifespan=[lifespan],
-                   exception_handlers={Exception: _refusal}, request_max_body_size=MAX_BODY_BYTES,
+    app = Litestar(route_handlers=[offer, candidate, close_room, health, metrics], guards=[node.authorize],
+                   lifespan=[lifespan], exception_handlers={Exception: _refusal}, request_max_body_size=MAX_BODY_BYTES,
                    openapi_config=None, logging_config=None, debug=False)
     app.state.node = node
     app.state.sfu = node.sfu

@@ -4,7 +4,9 @@
 //
 // For automation and for a cabinet embedding the page: `window.callState` is the phase (signed_out,
 // connecting, online, ringing, joining, active, ended), `window.callInfo` the details, `window.callClient`
-// the actions, `window.inboundVideoFrames()` the video frames decoded from the other side so far.
+// the actions, `window.inboundVideoFrames()` the video frames decoded from the other side so far. A cabinet
+// shares this page's socket (`callClient.listen(fn)` hears every event, and `connected` each time the socket is
+// registered) and, for a specialist, joins the call it started with `callClient.place(callId)`.
 "use strict";
 
 (() => {
@@ -37,6 +39,8 @@
   let pc = null;
   let localStream = null;
   let rejoins = 0;
+  let liveChecked = false; // since this sign-in: the calls already ringing were looked up once
+  const listeners = []; // a cabinet's: every socket event, after this page has handled it
 
   const $ = (id) => document.getElementById(id);
 
@@ -94,11 +98,15 @@
     if (!token || socket || opening) return; // one socket at a time
     if (info.phase === "signed_out") setPhase("connecting", "Connecting…");
     let ticket;
+    const used = token;
     opening = true;
     try {
       ({ ticket } = await api("POST", "/api/v1/ws/ticket"));
     } catch (error) {
-      if (error instanceof ApiError && error.status === 401) return signOut("The sign-in has expired. Sign in again.");
+      // a 401 for a token since replaced (a cabinet's refresh) is no longer news: the new one gets its try
+      if (error instanceof ApiError && error.status === 401 && token === used) {
+        return signOut("The sign-in has expired. Sign in again.");
+      }
       return reconnectLater();
     } finally {
       opening = false;
@@ -112,10 +120,12 @@
     pings = pongs = presencePing = 0;
     info.presence = null;
     let registered = false;
+    let resumed = false;
     ws.onopen = () => {
       reconnectMs = 1000;
       // the events missed while away come first, in order, once
-      if (lastEventId !== null) send({ type: "resume", data: { last_event_id: lastEventId } });
+      resumed = lastEventId !== null;
+      if (resumed) send({ type: "resume", data: { last_event_id: lastEventId } });
       sendPresence(); // its pong also says the server has this socket registered: calls reach it now
       pingTimer = setInterval(ping, PING_MS);
     };
@@ -130,11 +140,19 @@
           registered = true;
           info.connected = true;
           if (info.phase === "connecting") setPhase("online", "Waiting for the clinic's call.");
+          // registered first: a call started from now on rings through the socket, one started before is listed
+          if (!liveChecked) {
+            liveChecked = true;
+            ringForLiveCall();
+          }
+          // not resumed, a listener rereads what it showed: events before this moment are not replayed to it
+          tell("connected", { resumed });
         }
         return;
       }
       if (frame.id !== undefined) lastEventId = frame.id;
       onEvent(frame.type, frame.data || {});
+      tell(frame.type, frame.data || {});
     };
     ws.onclose = (event) => {
       clearInterval(pingTimer);
@@ -145,6 +163,12 @@
       if (event.code === CLOSE_REPLACED) return setPhase(info.phase, "This account opened calls in another window.");
       reconnectLater();
     };
+  }
+
+  function tell(type, data) {
+    for (const listener of listeners) {
+      try { listener(type, data); } catch (error) { console.error(error); }
+    }
   }
 
   function reconnectLater() {
@@ -185,6 +209,24 @@
     }
   }
 
+  // a page opened while a call already rings (its `call.incoming` went out before this socket existed): the
+  // live calls list it; the caller's own outgoing calls (a specialist's) are not for ringing
+  async function ringForLiveCall() {
+    try {
+      const ringing = (await api("GET", "/api/v1/calls?status=live")).items.filter((c) => c.state === "ringing");
+      if (!ringing.length) return;
+      const me = await api("GET", "/api/v1/me");
+      for (const call of ringing) { // newest first
+        const visit = await api("GET", `/api/v1/consultations/${call.consultation_id}`);
+        if (visit.specialist_id === me.id) continue;
+        onEvent("call.incoming", { call_id: call.id });
+        return;
+      }
+    } catch (error) {
+      console.warn("the live calls were not read", error);
+    }
+  }
+
   // ---- the call: media through the SFU ----
 
   async function userMedia() {
@@ -216,6 +258,34 @@
       info.error = error.reason || error.message;
       return setPhase("online", "The call is no longer ringing.");
     }
+    try {
+      await join(id);
+    } catch (error) {
+      fail(error);
+    }
+  }
+
+  // a specialist's call, ringing at the patient's: its media joins at once (the SFU answers while it rings)
+  async function place(id) {
+    if (!id || ["ringing", "joining", "active"].includes(info.phase)) return;
+    Object.assign(info, { callId: id, endReason: null, error: null, remoteMedia: { audio: true, video: true } });
+    setPhase("joining", "Calling…");
+    try {
+      localStream = await userMedia();
+    } catch (error) {
+      console.error(error);
+      info.error = "no_media";
+      finish("failed");
+      api("POST", `/api/v1/calls/${id}/end`).catch((ended) => console.warn(ended));
+      return;
+    }
+    if (info.callId !== id || info.phase !== "joining") { // ended while the camera started
+      for (const track of localStream.getTracks()) track.stop();
+      localStream = null;
+      return;
+    }
+    $("local").srcObject = localStream;
+    applyMute();
     try {
       await join(id);
     } catch (error) {
@@ -361,11 +431,15 @@
     if (!given) return;
     const first = token === null;
     token = given;
-    if (first) connect();
+    if (first) {
+      liveChecked = false;
+      connect();
+    }
   }
 
   function signOut(status) {
     token = null;
+    lastEventId = null; // a place in this user's stream: the next sign-in may be someone else's
     info.connected = false;
     clearTimeout(reconnectTimer);
     release();
@@ -384,14 +458,18 @@
   }
 
   window.inboundVideoFrames = inboundVideoFrames;
-  window.callClient = { signIn, signOut, accept, decline, hangUp, toggle };
+  window.callClient = { signIn, signOut, accept, decline, hangUp, toggle, place,
+    listen: (listener) => { listeners.push(listener); } };
 
   document.addEventListener("DOMContentLoaded", () => {
-    $("signin").addEventListener("submit", (event) => {
-      event.preventDefault();
-      signIn($("token").value);
-      $("token").value = "";
-    });
+    const form = $("signin"); // a cabinet signs in its own way and hands the token in
+    if (form) {
+      form.addEventListener("submit", (event) => {
+        event.preventDefault();
+        signIn($("token").value);
+        $("token").value = "";
+      });
+    }
     $("accept").addEventListener("click", accept);
     $("decline").addEventListener("click", decline);
     $("hangup").addEventListener("click", hangUp);

@@ -1,0 +1,1 @@
+"""The web cabinet (`GET /cabinet`): the reference browser client of specialists and patients."""
