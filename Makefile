@@ -51,19 +51,23 @@ lint: install-test
 	$(BIN)/ruff check app tests bench migrations
 	$(BIN)/mypy
 
-# The whole suite twice at once: on real PostgreSQL, Redis and SeaweedFS (printed as it runs), and on the embedded
-# profile (SQLite, in-process bus, local disk; its output follows when both are done). Neither shares a file or a
-# port with the other, and the two cores each get one. pytest exits 5 when it collected nothing; any non-zero
-# status of either run fails the target.
+# The whole suite on real PostgreSQL, Redis and SeaweedFS (printed as it runs: tests/e2e and tests/fuzz; beside it
+# the rest, on services of its own) and, at the same time, on the embedded profile (SQLite, in-process bus, local
+# disk). No run shares a file, a port or a service with another; many tests wait on processes and sockets, so
+# three runs keep the two cores busy. Their output follows when all are done (also in var/test-*.log). pytest
+# exits 5 when it collected nothing; any non-zero status of any run fails the target.
 test: install-test services-packages lint compile
-	@mkdir -p var; rm -f var/test-embedded.log; \
+	@mkdir -p var; rm -f var/test-*.log; \
 	$(BIN)/python -m pytest -q -p no:cacheprovider > var/test-embedded.log 2>&1 & embedded=$$!; \
-	echo "== real profile (the embedded profile runs beside it, into var/test-embedded.log)"; \
-	$(BIN)/python -m tests.harness $(BIN)/python -m pytest -q -p no:cacheprovider; real=$$?; \
-	wait $$embedded; embedded=$$?; \
+	$(BIN)/python -m tests.harness $(BIN)/python -m pytest -q -p no:cacheprovider --ignore=tests/e2e \
+	  --ignore=tests/fuzz > var/test-real-rest.log 2>&1 & rest=$$!; \
+	echo "== real profile: tests/e2e, tests/fuzz (the rest and the embedded profile run beside it)"; \
+	$(BIN)/python -m tests.harness $(BIN)/python -m pytest -q -p no:cacheprovider tests/e2e tests/fuzz; e2e=$$?; \
+	wait $$rest; rest=$$?; wait $$embedded; embedded=$$?; \
+	echo "== real profile: the rest"; cat var/test-real-rest.log; \
 	echo "== embedded profile"; cat var/test-embedded.log; \
-	echo "== real profile: exit $$real; embedded profile: exit $$embedded"; \
-	test $$real = 0 && test $$embedded = 0
+	echo "== exit: real e2e+fuzz $$e2e, real rest $$rest, embedded $$embedded"; \
+	test $$e2e = 0 && test $$rest = 0 && test $$embedded = 0
 
 # The long fuzz: 50 generated requests per operation, mode and role, on both profiles (make test runs 2).
 fuzz: install-test services-packages compile

@@ -25,6 +25,7 @@ from app.accounts.controllers import (
     StaffController,
 )
 from app.accounts.tokens import TokenIssuer
+from app.asyncapi import asyncapi_document
 from app.audit.controllers import AuditController
 from app.audit.service import AuditLog
 from app.auth import InProcessTickets, RedisTickets, TokenAuthMiddleware
@@ -245,6 +246,7 @@ def create_app(settings: Settings) -> Litestar:
                         *upload_routes(settings),
                         list_documents,  # after the uploads' controller on its path (one OPTIONS handler)
                         fhir_router,  # the FHIR R4 read API (app/fhir)
+                        asyncapi_document,  # the socket's protocol, beside the OpenAPI document
                         assets_router()],
         dependencies={"db_session": Provide(provide_db_session)},
         lifespan=[backing_services],

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.chat.models import UserEvent, UserStream
 from app.db import dialect_insert
+from app.events import STREAM_EVENTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,9 @@ async def append(session: AsyncSession, staged: Staged, recipients: set[UUID], t
 async def append_many(session: AsyncSession, staged: Staged,
                       events: Sequence[tuple[Collection[UUID], str, dict[str, Any]]]) -> None:
     """Add events to their recipients' streams, in list order: two statements whatever the numbers."""
+    unknown = {type_ for _, type_, _ in events} - STREAM_EVENTS.keys()
+    if unknown:  # a programming error: every type is documented (app/events.py, the AsyncAPI document)
+        raise ValueError(f"undocumented stream event types: {sorted(unknown)}")
     counts = tally(events)
     if not counts:
         return
