@@ -38,6 +38,10 @@ SUPPORTED: Mapping[str, Supported] = {
         "patient": ("reference", "the patient"),
         "date": ("date", "when the document was created (ge, gt, lt, le, eq)"),
         "status": ("token", "current | entered-in-error")}),
+    "DiagnosticReport": Supported(read=True, search={  # the analyses among the documents
+        "patient": ("reference", "the patient"),
+        "date": ("date", "when the analysis was uploaded (ge, gt, lt, le, eq)"),
+        "status": ("token", "final | registered | entered-in-error")}),
     "Communication": Supported(read=False, search={
         "encounter": ("reference", "an encounter: the messages of its patient's conversation with its specialist, "
                                    "which spans all their visits (required)")}),

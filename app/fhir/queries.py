@@ -95,18 +95,21 @@ def _first(row: Row | None) -> int:
 
 @functools.lru_cache(maxsize=512)
 def documents_statement(roles: frozenset[Role], by_patient: bool, ops: Ops, statuses: tuple[str, ...] | None,
-                        after: bool, count: bool) -> Select[Any]:
-    """The documents list (its WHERE is the documents mask) narrowed for a FHIR search."""
+                        after: bool, count: bool, kind: str | None = None) -> Select[Any]:
+    """The documents list (its WHERE is the documents mask) narrowed for a FHIR search (to one kind: analyses
+    are also DiagnosticReports)."""
     query = cast(Select[Any], document_reads.listing(roles, by_patient, False, after and not count))
     if statuses is not None:
         query = query.where(Document.status.in_(statuses))
+    if kind is not None:
+        query = query.where(Document.kind == kind)
     query = _dated(query, Document.created_at, ops)
     return _count(query) if count else query
 
 
 async def documents(reads: Reads, viewer: Viewer, patient_id: UUID | None, bounds: Sequence[DateBound],
                     statuses: tuple[str, ...] | None, count: int, cursor: UUID | None, care_after_days: int,
-                    audit: AuditTrail | None) -> Found:
+                    audit: AuditTrail | None, kind: str | None = None) -> Found:
     """What the caller may see, newest first; audited as the REST list is (app/documents/reads.py): one row per
     patient of someone else's whose documents the page showed, or who was asked for."""
     since = dt.datetime.now(dt.UTC) - dt.timedelta(days=care_after_days)
@@ -114,10 +117,10 @@ async def documents(reads: Reads, viewer: Viewer, patient_id: UUID | None, bound
     params: dict[str, Any] = {f"date{n}": b.at for n, b in enumerate(bounds)}
     params.update(viewer_id=viewer.id, care_since=since, patient_id=patient_id)
     shape = (viewer.roles, patient_id is not None, ops, statuses)
-    total = None if cursor is not None else _first(await reads.one(documents_statement(*shape, False, True),
+    total = None if cursor is not None else _first(await reads.one(documents_statement(*shape, False, True, kind),
                                                                    **params))
-    rows = await reads.all(documents_statement(*shape, cursor is not None, False), cursor=cursor, rows=count + 1,
-                           **params)
+    rows = await reads.all(documents_statement(*shape, cursor is not None, False, kind), cursor=cursor,
+                           rows=count + 1, **params)
     shown = rows[:count]
     if audit is not None:
         others = {r["patient_id"] for r in shown if not r["own"]}

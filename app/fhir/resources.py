@@ -187,6 +187,28 @@ def document_reference(doc: Mapping[str, Any], base_url: str) -> dict[str, Any]:
     })
 
 
+# document status -> DiagnosticReport.status
+REPORT_STATUS = {"ready": "final", "pending": "registered", "rejected": "entered-in-error"}
+
+
+def diagnostic_report(doc: Mapping[str, Any], base_url: str) -> dict[str, Any]:
+    """An analysis as the laboratory's report it is: the file as its presented form (results come as the lab's
+    PDF or a photo of it, not as coded values, so there are no Observations to point at)."""
+    return _pruned({
+        "resourceType": "DiagnosticReport", "id": str(doc["id"]), "status": REPORT_STATUS.get(doc["status"]),
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "LAB",
+                                  "display": "Laboratory"}]}],
+        "code": {"coding": [{"system": DOCUMENT_KIND_SYSTEM, "code": "analysis",
+                             "display": KIND_TITLES["analysis"]}], "text": KIND_TITLES["analysis"]},
+        "subject": reference("Patient", doc["patient_id"]),
+        "issued": instant(doc["created_at"]),
+        "performer": [_author(doc["author_id"], doc["author_role"])],
+        "presentedForm": [{"contentType": doc["content_type"], "size": int(doc["size"]), "title": doc["filename"],
+                           "url": f"{base_url}/api/v1/documents/{doc['id']}/download",
+                           "creation": instant(doc["created_at"])}],
+    })
+
+
 def communication(message: Any, *, patient_id: UUID, specialist_id: UUID,
                   base_url: str) -> dict[str, Any]:
     """A chat message: from its author to the conversation's other side; a deleted one keeps no payload."""

@@ -6,8 +6,9 @@ masks and audit rows are those of the REST API:
   (AccountService.specialist(s), app/scheduling/reads.py `free_slots`);
 - Appointment, Encounter: a consultation by id as `ConsultationService.visible` allows it, a search as the
   calendar does (app/fhir/queries.py), patients' names through the brief-card mask;
-- DocumentReference: `DocumentService.read` (the documents mask, the `document.read` audit row), a search as
-  the documents list (its mask and its `documents.list` audit rows);
+- DocumentReference, and DiagnosticReport for the analyses among them: `DocumentService.read` (the documents
+  mask, the `document.read` audit row), a search as the documents list (its mask and its `documents.list`
+  audit rows);
 - Communication: a chat's history as app/chat/reads.py `history` allows it (the conversation's people only;
   the specialist's read audited as `chat.read`).
 """
@@ -55,6 +56,7 @@ DOCUMENT_COLUMNS = ("id", "patient_id", "kind", "filename", "content_type", "siz
 APPOINTMENT_STATUSES = {fhir: (ours,) for ours, fhir in resources.APPOINTMENT_STATUS.items()}
 ENCOUNTER_STATUSES = {fhir: (ours,) for ours, fhir in resources.ENCOUNTER_STATUS.items()}
 DOCUMENT_STATUSES = {"current": ("ready", "pending"), "entered-in-error": ("rejected",)}
+REPORT_STATUSES = {"final": ("ready",), "registered": ("pending",), "entered-in-error": ("rejected",)}
 SLOT_DAYS = 31  # a slot search without an end looks this far ahead
 
 
@@ -98,10 +100,15 @@ async def read(request: Request[Viewer, Any, Any], session: AsyncSession, resour
         columns = resources.model_columns(visit, VISIT_COLUMNS)
         return (resources.appointment(columns, name) if resource_type == "Appointment"
                 else resources.encounter(columns, name))
-    if resource_type == "DocumentReference":
-        document = await documents_for(session, state).read(viewer, _id(ident, "DocumentReference"),
+    if resource_type in ("DocumentReference", "DiagnosticReport"):
+        document = await documents_for(session, state).read(viewer, _id(ident, resource_type),
                                                             audit=audit_trail(request))
-        return resources.document_reference(resources.model_columns(document, DOCUMENT_COLUMNS), app_base)
+        columns = resources.model_columns(document, DOCUMENT_COLUMNS)
+        if resource_type == "DocumentReference":
+            return resources.document_reference(columns, app_base)
+        if document.kind != "analysis":  # only an analysis is a report
+            raise NotVisible("DiagnosticReport not found")
+        return resources.diagnostic_report(columns, app_base)
     raise NotVisible(f"this server does not read {resource_type} resources by id", reason="read_unsupported")
 
 
@@ -114,8 +121,8 @@ async def search(request: Request[Viewer, Any, Any], session: AsyncSession, reso
     self_url = page_url(f"{fhir_base}/{resource_type}", wanted, wanted.cursor)
     if resource_type in ("Appointment", "Encounter"):
         entries, total, last = await _visits(request, resource_type, wanted)
-    elif resource_type == "DocumentReference":
-        entries, total, last = await _documents(request, wanted, app_base)
+    elif resource_type in ("DocumentReference", "DiagnosticReport"):
+        entries, total, last = await _documents(request, wanted, app_base, resource_type)
     elif resource_type in ("Practitioner", "PractitionerRole"):
         entries, total, last = await _practitioners(request, session, resource_type, wanted)
     elif resource_type == "Schedule":
@@ -163,13 +170,16 @@ async def _visits(request: Request[Viewer, Any, Any], resource_type: str, wanted
     return entries, found.total, encode_cursor(last["starts_at"], last["id"]) if last is not None else None
 
 
-async def _documents(request: Request[Viewer, Any, Any], wanted: Search, app_base: str) -> Page:
+async def _documents(request: Request[Viewer, Any, Any], wanted: Search, app_base: str, resource_type: str) -> Page:
     state = request.app.state
+    reports = resource_type == "DiagnosticReport"
     found = await queries.documents(state.database.reads, request.user, _patient(wanted),
                                     date_bounds(wanted.params.get("date", []), _zone(request)),
-                                    _statuses(wanted, DOCUMENT_STATUSES), wanted.count, only_id(wanted.cursor),
-                                    state.settings.care_after_days, audit_trail(request))
-    entries = [resources.document_reference(row, app_base) for row in found.rows]
+                                    _statuses(wanted, REPORT_STATUSES if reports else DOCUMENT_STATUSES),
+                                    wanted.count, only_id(wanted.cursor), state.settings.care_after_days,
+                                    audit_trail(request), kind="analysis" if reports else None)
+    build = resources.diagnostic_report if reports else resources.document_reference
+    entries = [build(row, app_base) for row in found.rows]
     last = found.rows[-1] if found.more else None
     return entries, found.total, encode_cursor(last["id"]) if last is not None else None
 

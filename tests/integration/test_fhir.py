@@ -222,6 +222,33 @@ async def test_documents_follow_the_document_mask(client: AsyncTestClient[Any], 
     assert ids(hidden) == set()
 
 
+async def test_analyses_are_diagnostic_reports_under_the_same_mask(client: AsyncTestClient[Any],
+                                                                   world: World) -> None:
+    patient, docs = world["patient"], world.docs
+    mine = f"Patient/{patient.id}"
+    report = await fhir_get(client, patient, f"/DiagnosticReport/{docs['analysis']}")
+    assert (report["status"], report["code"]["coding"][0]["code"]) == ("final", "analysis")
+    assert report["category"][0]["coding"][0]["code"] == "LAB"
+    assert report["subject"] == {"reference": mine}
+    form = report["presentedForm"][0]
+    assert urlsplit(form["url"]).path == f"/api/v1/documents/{docs['analysis']}/download"
+    assert (form["contentType"], form["size"], form["title"]) == ("application/pdf", 1234, "result.pdf")
+    # only analyses: another kind of document is no report, and a search finds analyses alone
+    await fhir_get(client, patient, f"/DiagnosticReport/{docs['doctor_conclusion']}", 404)
+    found = await fhir_get(client, world["doctor"], "/DiagnosticReport", patient=mine)
+    assert ids(found) == {str(docs["analysis"])}
+    assert found["total"] == 1
+    assert ids(await fhir_get(client, world["doctor"], "/DiagnosticReport", patient=mine, status="final")) == {
+        str(docs["analysis"])}
+    assert ids(await fhir_get(client, world["doctor"], "/DiagnosticReport", patient=mine,
+                              status="entered-in-error")) == set()
+    await fhir_get(client, world["doctor"], "/DiagnosticReport", 400, patient=mine, status="preliminary")
+    # the document mask: the back office and another patient see none of it
+    assert ids(await fhir_get(client, world["registrar"], "/DiagnosticReport", patient=mine)) == set()
+    await fhir_get(client, world["other_patient"], f"/DiagnosticReport/{docs['analysis']}", 404)
+    assert ids(await fhir_get(client, world["other_patient"], "/DiagnosticReport")) == set()
+
+
 # --- consultations: appointments and encounters -----------------------------------------------------
 
 async def test_links_start_at_the_public_base_url_behind_a_proxy(test_settings: Settings, world: World) -> None:
