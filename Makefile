@@ -51,28 +51,19 @@ lint: install-test
 	$(BIN)/ruff check app tests bench migrations
 	$(BIN)/mypy
 
-# The whole suite on real PostgreSQL, Redis and SeaweedFS and again on the embedded profile (SQLite, in-process bus,
-# local disk), each profile in two runs side by side: tests/e2e and tests/fuzz (processes, browsers, sockets: much
-# of it waiting) and the rest. Four runs keep the two cores busy; none shares a file, a port or a service with
-# another (each real run starts services of its own). The first prints as it runs; the others' output follows
-# when all are done (and stays in var/test-*.log). pytest exits 5 when it collected nothing; any non-zero status
-# of any run fails the target.
-REST := --ignore=tests/e2e --ignore=tests/fuzz
-PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider
-HARNESS := $(BIN)/python -m tests.harness
+# The whole suite twice at once: on real PostgreSQL, Redis and SeaweedFS (printed as it runs), and on the embedded
+# profile (SQLite, in-process bus, local disk; its output follows when both are done). Neither shares a file or a
+# port with the other, and the two cores each get one. pytest exits 5 when it collected nothing; any non-zero
+# status of either run fails the target.
 test: install-test services-packages lint compile
-	@mkdir -p var; rm -f var/test-*.log; \
-	$(HARNESS) $(PYTEST) $(REST) > var/test-real-rest.log 2>&1 & real_rest=$$!; \
-	$(PYTEST) tests/e2e tests/fuzz > var/test-embedded-e2e.log 2>&1 & embedded_e2e=$$!; \
-	$(PYTEST) $(REST) > var/test-embedded-rest.log 2>&1 & embedded_rest=$$!; \
-	echo "== real profile: tests/e2e, tests/fuzz (three more runs beside it)"; \
-	$(HARNESS) $(PYTEST) tests/e2e tests/fuzz; real_e2e=$$?; \
-	wait $$real_rest; real_rest=$$?; wait $$embedded_e2e; embedded_e2e=$$?; \
-	wait $$embedded_rest; embedded_rest=$$?; \
-	for run in real-rest embedded-e2e embedded-rest; do echo "== $$run"; cat var/test-$$run.log; done; \
-	echo "== exit: real e2e+fuzz $$real_e2e, real rest $$real_rest, embedded e2e+fuzz $$embedded_e2e," \
-	  "embedded rest $$embedded_rest"; \
-	test $$real_e2e = 0 && test $$real_rest = 0 && test $$embedded_e2e = 0 && test $$embedded_rest = 0
+	@mkdir -p var; rm -f var/test-embedded.log; \
+	$(BIN)/python -m pytest -q -p no:cacheprovider > var/test-embedded.log 2>&1 & embedded=$$!; \
+	echo "== real profile (the embedded profile runs beside it, into var/test-embedded.log)"; \
+	$(BIN)/python -m tests.harness $(BIN)/python -m pytest -q -p no:cacheprovider; real=$$?; \
+	wait $$embedded; embedded=$$?; \
+	echo "== embedded profile"; cat var/test-embedded.log; \
+	echo "== real profile: exit $$real; embedded profile: exit $$embedded"; \
+	test $$real = 0 && test $$embedded = 0
 
 # The long fuzz: 50 generated requests per operation, mode and role, on both profiles (make test runs 2).
 fuzz: install-test services-packages compile

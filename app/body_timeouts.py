@@ -1,17 +1,17 @@
 """Request bodies that stop arriving, or trickle in, are refused with 408 instead of holding the server.
 
-The ASGI server bounds headers but not bodies: a client that declares a body and sends it a byte at a time
-would keep its request (and whatever the handler already holds for it) alive for as long as it likes, and a
-few hundred such clients are a denial of service (slowloris). Every body must keep arriving: no gap between
-two of its chunks longer than BODY_IDLE_SECONDS. A body no larger than MAX_BODY_BYTES (every JSON body) must
-also be complete within BODY_SECONDS; a file (the direct upload's larger body) is bounded by the gap alone, as
-a slow phone may take minutes to send one at a steady pace.
+The ASGI server bounds headers (app/http_head.py) but not bodies: a client that declares a body and sends it a
+byte at a time would keep its request (and whatever the handler already holds for it) alive for as long as it
+likes, and a few hundred such clients are a denial of service (slowloris). Every body must keep arriving: no gap
+between two of its chunks longer than BODY_IDLE_SECONDS. A body on any route but the two that take a file's
+bytes (every JSON body) must also be complete within BODY_SECONDS; a file (the direct upload, the local store's
+PUT), declared or chunked, is bounded by the gap alone, as a slow phone may take minutes to send one at a
+steady pace.
 
 The refusal is raised from `receive`, so it reaches the handler's code where it waits for the body: an upload
 aborts its object as for any other failure, and the answer is the API's usual body (reason `body_timeout`)
 with `Connection: close` (the rest of that body is never read).
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -33,25 +33,15 @@ class BodyTimedOut(DomainError):
         self.headers = {"Connection": "close"}
 
 
-def _declared_length(scope: Scope) -> int | None:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            return int(value) if value.isdigit() else None
-    return None
-
-
-def body_timeouts(idle_seconds: float, whole_seconds: float, small_body_bytes: int) -> Any:
-    """The middleware factory (Litestar's `middleware=[...]`)."""
+def body_timeouts(idle_seconds: float, whole_seconds: float, file_paths: tuple[str, ...]) -> Any:
+    """The middleware factory (Litestar's `middleware=[...]`); `file_paths`: the prefixes of the file routes."""
 
     def factory(app: ASGIApp) -> ASGIApp:
         async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] != ScopeType.HTTP or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
                 await app(scope, receive, send)
                 return
-            declared = _declared_length(scope)
-            # chunked bodies (no length) are held to the whole-body bound too: their size is unknown up front
-            ends = (time.monotonic() + whole_seconds
-                    if declared is None or declared <= small_body_bytes else None)
+            ends = None if scope["path"].startswith(file_paths) else time.monotonic() + whole_seconds
             complete = False
 
             async def timed_receive() -> ReceiveMessage:

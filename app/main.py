@@ -41,7 +41,7 @@ from app.consultations.controllers import CareController, ConsultationController
 from app.db import Database, provide_db_session
 from app.documents.controllers import DocumentController, InboxController, list_documents
 from app.documents.storage import STORE_ERRORS, object_store
-from app.documents.upload_controllers import upload_routes
+from app.documents.upload_controllers import FILE_ROUTES, upload_routes
 from app.documents.uploads import keep_pending_clean
 from app.errors import DomainError, error_response
 from app.fhir.controllers import fhir_router
@@ -252,7 +252,7 @@ def create_app(settings: Settings) -> Litestar:
         lifespan=[backing_services],
         middleware=[
             request_id_middleware(settings.log_requests),
-            body_timeouts(settings.body_idle_seconds, settings.body_seconds, settings.max_body_bytes),
+            body_timeouts(settings.body_idle_seconds, settings.body_seconds, FILE_ROUTES),
             DefineMiddleware(TokenAuthMiddleware, exclude=SERVICE_PATHS),
         ],
         exception_handlers={DomainError: error_response, HTTPException: error_response,

@@ -197,8 +197,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # where clients reach the API (https://clinic.example): the base of links it writes into answers; empty: the
     # request's own scheme and Host (right without a TLS-terminating proxy in front)
     public_base_url: str = ""
-    # a body that stops arriving for this long is refused with 408 (slowloris), and one of at most
-    # MAX_BODY_BYTES (every JSON body) must be in within BODY_SECONDS; a file upload has the gap bound alone
+    # a body that stops arriving for this long is refused with 408 (slowloris), and one on any route but the file
+    # uploads (every JSON body) must be in within BODY_SECONDS; a file upload has the gap bound alone
     body_idle_seconds: float = 30.0
     body_seconds: float = 60.0
     log_level: str = "INFO"

@@ -29,6 +29,7 @@ from app.settings import Settings
 # a direct upload's form carries its fields and boundaries besides the file; and the framework counts whole network
 # reads, so its limit sits a little above the file's own (enforced as the file streams: 413 too_large)
 FORM_SLACK = 1024 * 1024
+FILE_ROUTES = ("/api/v1/documents/upload", "/api/v1/objects/")  # the routes that take a file's bytes
 
 
 async def provide_uploads(db_session: NamedDependency[AsyncSession], state: State) -> UploadService:

@@ -184,3 +184,29 @@ async def test_a_direct_upload_that_stalls_is_408_and_leaves_no_document_or_obje
                           aws_access_key_id=test_settings.s3_access_key,
                           aws_secret_access_key=test_settings.s3_secret_key, region_name=test_settings.s3_region)
         assert not s3.list_multipart_uploads(Bucket=test_settings.s3_bucket).get("Uploads")
+
+
+async def test_a_file_sent_slowly_but_steadily_is_taken_past_the_whole_body_bound(
+        api: str, patient: Session) -> None:
+    """A phone on a slow line: a chunked direct upload that takes longer than BODY_SECONDS, never pausing as long
+    as BODY_IDLE_SECONDS, is stored (only JSON bodies have the whole-body bound)."""
+    boundary = "steady-boundary"
+
+    async def body() -> AsyncIterator[bytes]:
+        yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"patient_id\"\r\n\r\n{patient.id}\r\n"
+               f"--{boundary}\r\nContent-Disposition: form-data; name=\"kind\"\r\n\r\nimage\r\n"
+               f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"slow.jpg\"\r\n"
+               "Content-Type: image/jpeg\r\n\r\n").encode() + b"\xff\xd8\xff\xe0"
+        ends = time.monotonic() + WHOLE * 1.5
+        while time.monotonic() < ends:
+            yield os.urandom(64 * 1024)
+            await asyncio.sleep(IDLE / 3)
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    started = time.monotonic()
+    async with httpx.AsyncClient(base_url=api, timeout=WAIT) as http:
+        answer = await http.post("/api/v1/documents/upload", content=body(), headers={
+            **patient.headers, "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert time.monotonic() - started > WHOLE
+    assert answer.status_code == 201, answer.text
+    assert answer.json()["status"] == "ready"

@@ -22,10 +22,9 @@ from litestar.testing import AsyncTestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
-from app.migrate import upgrade
 from app.rtc.sfu.ice import loopback_candidates
 from app.settings import Settings
-from tests.conftest import Session, fresh_database_url, refused, running
+from tests.conftest import Session, migrated_database_url, refused, running
 from tests.integration.sfu_peers import WAIT, Peer
 from tests.integration.test_calls import act, online_visit, start
 from tests.integration.test_document_uploads import (
@@ -46,9 +45,7 @@ SCRAPE = {"Authorization": f"Bearer {METRICS_TOKEN}"}
 
 @pytest.fixture(scope="module")
 async def database_url(data_dir: Path) -> str:
-    url = await fresh_database_url(data_dir, f"metrics_{secrets.token_hex(4)}")
-    await asyncio.to_thread(upgrade, url)
-    return url
+    return await migrated_database_url(data_dir, "metrics")
 
 
 @pytest.fixture(scope="module")
