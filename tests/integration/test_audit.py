@@ -298,13 +298,16 @@ async def test_a_batch_written_once_whose_answer_was_lost_does_not_block_the_que
     await flushed(client)  # nothing else of this test's in the queue
     ctx = AuditContext(actor=Viewer(registrar.id, frozenset({Role.REGISTRAR})), request_id="lost-answer", ip=None)
 
+    database = audit.database
+    assert database is not None
+
     async def record_three_the_first_already_written() -> None:
         # on the app's loop, holding the writer's lock: its own task cannot write the rows first
         async with audit._lock:
             for _ in range(3):
                 audit.record(ctx, "card.read", "patient", patient.id, patient.id)
             first = row_values(audit._pending[-3])
-            async with audit.database.engine.begin() as conn:  # type: ignore[union-attr]
+            async with database.engine.begin() as conn:
                 # the first row reached the table, but the writer never heard back
                 await conn.execute(audit_event.insert(), [first])
 
